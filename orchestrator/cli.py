@@ -1,0 +1,117 @@
+"""The `echoink` command. Each subcommand imports what it needs when it runs, so `--help` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    from avqa.synth import SynthSpec, synth_dataset
+
+    spec = SynthSpec(
+        image_size=args.image_size,
+        audio_seconds=args.audio_seconds,
+        colours=tuple(args.colours.split(",")),
+        tones=tuple(args.tones.split(",")),
+        shuffle_options=args.shuffle_options,
+    )
+    paths = synth_dataset(args.out, train=args.train, val=args.val, seed=args.seed, spec=spec)
+    for split, path in paths.items():
+        print(f"{split}: {path}")
+    return 0
+
+
+def _data_avqa(args: argparse.Namespace) -> int:
+    from avqa.curate import curate
+
+    json_path, report = curate(args.source, args.split, args.out)
+    print(report.summary())
+    print(f"wrote {json_path}")
+    return 0
+
+
+def _data_check(args: argparse.Namespace) -> int:
+    from collections import Counter
+
+    from avqa import LoadReport, MediaError, load_audio, load_image, load_records
+
+    report = LoadReport()
+    records = load_records(args.path, report=report)
+    print(report.summary())
+    letters = Counter(r.answer for r in records)
+    print("gold letters: " + ", ".join(f"{k}={v}" for k, v in sorted(letters.items())))
+    media_errors = 0
+    for record in records[: args.media] if args.media >= 0 else records:
+        try:
+            load_image(record.image_path)
+            load_audio(record.audio_path)
+        except MediaError as exc:
+            media_errors += 1
+            print(f"  media: record {record.index} (id {record.id!r}): {exc}")
+    checked = len(records) if args.media < 0 else min(args.media, len(records))
+    print(f"media of {checked} records decoded, {media_errors} failed")
+    return 1 if report.skipped or media_errors else 0
+
+
+def _model_tiny(args: argparse.Namespace) -> int:
+    from omni.tiny import build_tiny_checkpoint
+
+    out = build_tiny_checkpoint(args.out, seed=args.seed)
+    print(f"tiny Qwen2.5-Omni checkpoint: {out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="echoink",
+        description="GRPO for omni-modal (audio + image + text) Qwen2.5-Omni models.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    data = sub.add_parser("data", help="datasets: synthesise or curate").add_subparsers(dest="data_command", required=True)
+    synth = data.add_parser("synth", help="write a synthetic audio-image question set in the AVQA-R1-6K layout")
+    synth.add_argument("--out", required=True, type=Path, help="dataset folder (train/ and valid/ are written in it)")
+    synth.add_argument("--train", type=int, default=256, help="training questions (default 256)")
+    synth.add_argument("--val", type=int, default=64, help="validation questions (default 64)")
+    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--image-size", type=int, default=112, help="square image side in pixels (default 112)")
+    synth.add_argument("--audio-seconds", type=float, default=2.0, help="clip length (default 2.0)")
+    synth.add_argument("--colours", default="red,blue", help="comma-separated colours (default red,blue)")
+    synth.add_argument("--tones", default="low,high", help="comma-separated tones (default low,high)")
+    synth.add_argument("--shuffle-options", action="store_true", help="shuffle the option order per question")
+    synth.set_defaults(func=_data_synth)
+
+    avqa = data.add_parser("avqa", help="curate AVQA-R1-6K from OmniInstruct-v1")
+    avqa.add_argument("--source", required=True, help="a folder saved by `datasets`, parquet files, or a hub id")
+    avqa.add_argument("--split", required=True, choices=["train", "valid"])
+    avqa.add_argument("--out", required=True, type=Path, help="dataset folder (the split is written in it)")
+    avqa.set_defaults(func=_data_avqa)
+
+    check = data.add_parser("check", help="validate a dataset file or folder and decode its media")
+    check.add_argument("path", type=Path, help="a JSON/JSONL file or a folder saved by `datasets`")
+    check.add_argument("--media", type=int, default=-1, help="decode the media of the first N records (-1: all)")
+    check.set_defaults(func=_data_check)
+
+    model = sub.add_parser("model", help="checkpoints").add_subparsers(dest="model_command", required=True)
+    tiny = model.add_parser("tiny", help="build a tiny random Qwen2.5-Omni checkpoint, offline")
+    tiny.add_argument("--out", required=True, type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.set_defaults(func=_model_tiny)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"echoink: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Rollout: vLLM engine actors, the engine pool, and receiving weights."""

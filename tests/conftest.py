@@ -1,0 +1,26 @@
+"""Shared fixtures: a synthetic dataset and a tiny checkpoint, built once per test session."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+
+
+@pytest.fixture(scope="session")
+def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from avqa.synth import synth_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    synth_dataset(out, train=24, val=12, seed=7)
+    return out
+
+
+@pytest.fixture(scope="session")
+def train_json(synth_dir: Path) -> Path:
+    return synth_dir / "train" / "omni_rl_format_train.json"
