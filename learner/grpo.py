@@ -1,0 +1,150 @@
+"""GRPO math in pure torch: group advantages, KL estimators, the policy loss and its aggregations.
+
+No Ray, no DeepSpeed: every function here is checked against float64 formulas in the tests.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+KL_CLAMP = 10.0
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+    """(r − mean) / (std + eps) within consecutive blocks of ``group_size``; unbiased std."""
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2 (GRPO compares completions), got {group_size}")
+    if rewards.ndim != 1 or rewards.numel() % group_size:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.view(-1, group_size)
+    mean = grouped.mean(dim=1, keepdim=True)
+    std = grouped.std(dim=1, keepdim=True)  # unbiased, as the reference
+    return ((grouped - mean) / (std + eps)).view(-1)
+
+
+def group_advantages_by_id(rewards: torch.Tensor, group_ids: Sequence[object], eps: float = 1e-4) -> torch.Tensor:
+    """The same normalisation with groups given by an id per completion (any order, any sizes ≥ 2)."""
+    if len(group_ids) != rewards.numel():
+        raise ValueError(f"{rewards.numel()} rewards but {len(group_ids)} group ids")
+    index: dict[object, int] = {}
+    codes = torch.tensor([index.setdefault(g, len(index)) for g in group_ids], device=rewards.device)
+    counts = torch.bincount(codes, minlength=len(index))
+    if bool((counts < 2).any()):
+        lonely = [g for g, i in index.items() if counts[i] < 2]
+        raise ValueError(f"groups with fewer than 2 completions: {lonely[:5]}")
+    values = rewards.to(torch.float64)
+    sums = torch.zeros(len(index), dtype=torch.float64, device=rewards.device).index_add_(0, codes, values)
+    mean = sums / counts
+    centred = values - mean[codes]
+    sq = torch.zeros_like(sums).index_add_(0, codes, centred**2)
+    std = (sq / (counts - 1)).sqrt()
+    return (centred / (std[codes] + eps)).to(rewards.dtype)
+
+
+def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """log π − log π_ref (unbiased, can be negative)."""
+    return logp - ref_logp
+
+
+def kl_k2(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """½ (log π − log π_ref)²."""
+    return 0.5 * (logp - ref_logp) ** 2
+
+
+def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """exp(d) − d − 1 with d = clamp(log π_ref − log π, −10, 10): the reference run's estimator."""
+    d = torch.clamp(ref_logp - logp, -KL_CLAMP, KL_CLAMP)
+    return torch.exp(d) - d - 1
+
+
+KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "k1": kl_k1,
+    "k2": kl_k2,
+    "k3": kl_k3,
+}
+
+
+def _seq_mean_token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+
+
+def _token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _seq_mean_token_sum_norm(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    # Dr. GRPO: sum over tokens divided by a constant (the padded length), mean over sequences
+    return ((per_token * mask).sum(dim=1) / mask.shape[1]).mean()
+
+
+AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+    "seq-mean-token-mean": _seq_mean_token_mean,
+    "token-mean": _token_mean,
+    "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
+}
+
+
+def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str = "seq-mean-token-mean") -> torch.Tensor:
+    try:
+        fn = AGGREGATIONS[agg]
+    except KeyError:
+        raise ValueError(f"unknown aggregation {agg!r}; known: {sorted(AGGREGATIONS)}") from None
+    return fn(per_token, mask.to(per_token.dtype))
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def policy_loss(
+    logp: torch.Tensor,
+    old_logp: torch.Tensor,
+    ref_logp: torch.Tensor | None,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float,
+    clip_eps: float | tuple[float, float] | None = None,
+    agg: str = "seq-mean-token-mean",
+    kl: str = "k3",
+    is_weights: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """The GRPO loss over completion tokens ([batch, tokens] tensors, ``advantages`` [batch]).
+
+    With ``clip_eps=None`` and ``old_logp = logp.detach()`` this is the reference run's loss,
+    −(ratio·A − β·KL) per token; with ``clip_eps`` it is PPO's clipped surrogate (a pair gives
+    asymmetric low/high bounds). ``is_weights`` multiply the per-token policy term: the truncated
+    importance-sampling correction for off-policy rollouts.
+    """
+    mask = mask.to(logp.dtype)
+    adv = advantages.to(logp.dtype).unsqueeze(1)
+    ratio = torch.exp(logp - old_logp)
+    surrogate = ratio * adv
+    clipped_frac = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    if clip_eps is not None:
+        low, high = (clip_eps, clip_eps) if isinstance(clip_eps, float | int) else clip_eps
+        clipped = torch.clamp(ratio, 1.0 - low, 1.0 + high) * adv
+        surrogate = torch.minimum(surrogate, clipped)
+        clipped_frac = masked_mean((clipped < ratio * adv).to(logp.dtype), mask)
+    if is_weights is not None:
+        surrogate = surrogate * is_weights.to(logp.dtype)
+    per_token = -surrogate
+    kl_value = torch.zeros((), dtype=logp.dtype, device=logp.device)
+    if ref_logp is not None and beta != 0.0:
+        per_token_kl = KL_ESTIMATORS[kl](logp, ref_logp)
+        per_token = per_token + beta * per_token_kl
+        kl_value = masked_mean(per_token_kl.detach(), mask)
+    loss = aggregate(per_token, mask, agg)
+    with torch.no_grad():
+        valid = mask.bool()
+        r = ratio.detach()[valid]
+        metrics = {
+            "kl": float(kl_value),
+            "clip_fraction": float(clipped_frac),
+            "ratio/mean": float(r.mean()) if r.numel() else 1.0,
+            "ratio/max": float(r.max()) if r.numel() else 1.0,
+            "ratio/min": float(r.min()) if r.numel() else 1.0,
+        }
+    return loss, metrics

@@ -1,0 +1,20 @@
+"""Rule-based rewards: format, accuracy, and a registry of weighted reward functions."""
+
+from rewards.functions import (
+    accuracy_reward,
+    extract_answer,
+    format_reward,
+    predicted_letters,
+)
+from rewards.registry import REWARDS, RewardResult, RewardSet, register_reward
+
+__all__ = [
+    "REWARDS",
+    "RewardResult",
+    "RewardSet",
+    "accuracy_reward",
+    "extract_answer",
+    "format_reward",
+    "predicted_letters",
+    "register_reward",
+]

@@ -1,0 +1,76 @@
+"""Rewards by name, with weights: each completion gets every component and their weighted total."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from avqa.record import Record
+from rewards.functions import accuracy_reward, format_reward
+
+# A reward takes (completion text, record, options) and returns a float.
+RewardFn = Callable[[str, Record, Mapping[str, object]], float]
+
+REWARDS: dict[str, RewardFn] = {}
+
+
+def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
+    """Register a reward under ``name`` (used in the run config's ``rewards`` weights)."""
+
+    def wrap(fn: RewardFn) -> RewardFn:
+        if name in REWARDS and REWARDS[name] is not fn:
+            raise ValueError(f"a reward named {name!r} is already registered")
+        REWARDS[name] = fn
+        return fn
+
+    return wrap
+
+
+@register_reward("accuracy")
+def _accuracy(text: str, record: Record, options: Mapping[str, object]) -> float:
+    return accuracy_reward(text, record.answer, lenient=bool(options.get("lenient", False)))
+
+
+@register_reward("format")
+def _format(text: str, record: Record, options: Mapping[str, object]) -> float:
+    return format_reward(text)
+
+
+@dataclass(frozen=True)
+class RewardResult:
+    components: dict[str, float]
+    total: float
+    errors: dict[str, str] = field(default_factory=dict)  # reward name → the exception it raised
+
+
+@dataclass
+class RewardSet:
+    """The weighted rewards a run uses; ``options`` reach every function (e.g. ``lenient``)."""
+
+    weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
+    options: dict[str, object] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.weights) - set(REWARDS))
+        if unknown:
+            raise ValueError(f"unknown reward(s) {unknown}; registered: {sorted(REWARDS)}")
+
+    def score(self, text: str, record: Record) -> RewardResult:
+        components: dict[str, float] = {}
+        errors: dict[str, str] = {}
+        for name in self.weights:
+            try:
+                value = float(REWARDS[name](text, record, self.options))
+                if value != value or value in (float("inf"), float("-inf")):
+                    raise ValueError(f"returned {value}")
+            except Exception as exc:  # a failing user reward scores zero and is counted, not fatal
+                errors[name] = f"{type(exc).__name__}: {exc}"
+                value = 0.0
+            components[name] = value
+        total = sum(self.weights[name] * components[name] for name in self.weights)
+        return RewardResult(components=components, total=total, errors=errors)
+
+    def score_many(self, texts: Sequence[str], records: Sequence[Record]) -> list[RewardResult]:
+        if len(texts) != len(records):
+            raise ValueError(f"{len(texts)} completions but {len(records)} records")
+        return [self.score(t, r) for t, r in zip(texts, records, strict=True)]
