@@ -24,3 +24,21 @@ def synth_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def train_json(synth_dir: Path) -> Path:
     return synth_dir / "train" / "omni_rl_format_train.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from omni.tiny import build_tiny_checkpoint
+
+    return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-omni"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray for the session, with more logical CPUs than cores (actors mostly wait)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,31 @@
+"""The model family: tiny checkpoints, model inputs, parameter names and the weight-sync protocol."""
+
+from omni.inputs import (
+    MediaSettings,
+    ModelBatch,
+    Prompt,
+    PromptFeatures,
+    collate,
+    completion_logprobs,
+    completion_mask,
+    encode_prompt,
+    load_processor,
+    prepare_prompt,
+)
+from omni.names import THINKER_PREFIX, to_learner_name, to_vllm_name
+
+__all__ = [
+    "THINKER_PREFIX",
+    "MediaSettings",
+    "ModelBatch",
+    "Prompt",
+    "PromptFeatures",
+    "collate",
+    "completion_logprobs",
+    "completion_mask",
+    "encode_prompt",
+    "load_processor",
+    "prepare_prompt",
+    "to_learner_name",
+    "to_vllm_name",
+]

@@ -1,0 +1,225 @@
+"""Records → what the model reads: the rendered prompt, the media, and the learner's tensor batch.
+
+The rollout engines and the learner both start from :func:`prepare_prompt`, so the text, pixels and
+samples they see are identical; the learner's prompt tokens come from the checkpoint's own
+processor, which is also what vLLM runs on the same folder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+import avqa
+
+
+@dataclass(frozen=True)
+class MediaSettings:
+    min_pixels: int = avqa.MIN_PIXELS
+    max_pixels: int = avqa.MAX_PIXELS
+    max_audio_seconds: float = avqa.MAX_AUDIO_SECONDS
+    sample_rate: int = avqa.SAMPLE_RATE
+
+
+@dataclass
+class Prompt:
+    """One question as the model sees it: chat text with placeholders, one image, one clip."""
+
+    record_id: str
+    text: str
+    image: Image.Image
+    audio: np.ndarray
+    sample_rate: int
+
+    def vllm_input(self) -> dict[str, Any]:
+        return {
+            "prompt": self.text,
+            "multi_modal_data": {"image": self.image, "audio": (self.audio, self.sample_rate)},
+        }
+
+
+def load_processor(model_path: str | Path) -> Any:
+    """The checkpoint's own processor, from the local folder only (nothing is downloaded)."""
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(str(model_path), local_files_only=True)
+
+
+def prepare_prompt(
+    record: avqa.Record,
+    processor: Any,
+    *,
+    media: MediaSettings = MediaSettings(),
+    system_prompt: str | None = None,
+    image: Image.Image | None = None,
+    audio: np.ndarray | None = None,
+) -> Prompt:
+    """Load (or take) the record's media with the run's limits and render the chat text."""
+    if image is None:
+        image = avqa.load_image(record.image_path, min_pixels=media.min_pixels, max_pixels=media.max_pixels)
+    else:
+        image = avqa.prepare_image(image, min_pixels=media.min_pixels, max_pixels=media.max_pixels)
+    if audio is None:
+        audio = avqa.load_audio(record.audio_path, sample_rate=media.sample_rate, max_seconds=media.max_audio_seconds)
+    messages = avqa.build_messages(record, image=image, audio=audio, system_prompt=system_prompt)
+    text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return Prompt(record.id, text, image, np.asarray(audio, dtype=np.float32), media.sample_rate)
+
+
+@dataclass
+class PromptFeatures:
+    """The processor's output for one prompt."""
+
+    input_ids: torch.Tensor  # [P]
+    pixel_values: torch.Tensor  # [patches, dim]
+    image_grid_thw: torch.Tensor  # [1, 3]
+    input_features: torch.Tensor  # [1, mel, frames]
+    feature_attention_mask: torch.Tensor  # [1, frames]
+
+
+def encode_prompt(processor: Any, prompt: Prompt) -> PromptFeatures:
+    out = processor(
+        text=[prompt.text],
+        images=[prompt.image],
+        audio=[prompt.audio],
+        return_tensors="pt",
+        padding=False,
+    )
+    return PromptFeatures(
+        input_ids=out["input_ids"][0],
+        pixel_values=out["pixel_values"],
+        image_grid_thw=out["image_grid_thw"],
+        input_features=out["input_features"],
+        feature_attention_mask=out["feature_attention_mask"],
+    )
+
+
+def completion_mask(completion_ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
+    """1 up to and including the first end-of-turn token, 0 after it."""
+    eos = set(eos_ids)
+    mask = []
+    ended = False
+    for token in completion_ids:
+        mask.append(0 if ended else 1)
+        if token in eos:
+            ended = True
+    return mask
+
+
+@dataclass
+class ModelBatch:
+    """Prompt + completion sequences: prompts left-padded, completions right-padded, so every
+    completion starts at the same column and its log-probs come from the last ``C + 1`` positions."""
+
+    inputs: dict[str, torch.Tensor]  # what the thinker's forward takes
+    completion_ids: torch.Tensor  # [B, C]
+    completion_mask: torch.Tensor  # [B, C], float
+
+    @property
+    def completion_len(self) -> int:
+        return self.completion_ids.shape[1]
+
+    def to(self, device: torch.device | str, float_dtype: torch.dtype | None = None) -> ModelBatch:
+        def move(t: torch.Tensor) -> torch.Tensor:
+            if float_dtype is not None and t.is_floating_point():
+                return t.to(device=device, dtype=float_dtype)
+            return t.to(device)
+
+        return ModelBatch(
+            {k: move(v) for k, v in self.inputs.items()},
+            self.completion_ids.to(device),
+            self.completion_mask.to(device),
+        )
+
+
+def collate(
+    prompts: Sequence[PromptFeatures],
+    completions: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    eos_ids: Sequence[int],
+) -> ModelBatch:
+    if len(prompts) != len(completions):
+        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
+    if not prompts:
+        raise ValueError("empty batch")
+    p_max = max(p.input_ids.numel() for p in prompts)
+    c_max = max(1, max(len(c) for c in completions))
+    batch = len(prompts)
+    input_ids = torch.full((batch, p_max + c_max), pad_id, dtype=torch.long)
+    attention = torch.zeros((batch, p_max + c_max), dtype=torch.long)
+    comp_ids = torch.full((batch, c_max), pad_id, dtype=torch.long)
+    comp_mask = torch.zeros((batch, c_max), dtype=torch.float32)
+    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
+        p = prompt.input_ids.numel()
+        input_ids[row, p_max - p : p_max] = prompt.input_ids
+        attention[row, p_max - p : p_max] = 1
+        if completion:
+            ids = torch.as_tensor(list(completion), dtype=torch.long)
+            mask = torch.as_tensor(completion_mask(completion, eos_ids), dtype=torch.float32)
+            input_ids[row, p_max : p_max + ids.numel()] = ids
+            # tokens after the first end-of-turn are not attended either: they are not part of the turn
+            attention[row, p_max : p_max + ids.numel()] = mask.long()
+            comp_ids[row, : ids.numel()] = ids
+            comp_mask[row, : ids.numel()] = mask
+    inputs = {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "pixel_values": torch.cat([p.pixel_values for p in prompts], dim=0),
+        "image_grid_thw": torch.cat([p.image_grid_thw for p in prompts], dim=0),
+        "input_features": torch.cat([p.input_features for p in prompts], dim=0),
+        "feature_attention_mask": torch.cat([p.feature_attention_mask for p in prompts], dim=0),
+    }
+    return ModelBatch(inputs, comp_ids, comp_mask)
+
+
+class keep_last_positions:
+    """Within this context the model's ``lm_head`` sees only the last ``k`` positions.
+
+    The full-vocabulary logits of the prompt are never needed (only completion tokens are scored)
+    and are the largest tensor of a step for a 152k vocabulary.
+    """
+
+    def __init__(self, lm_head: torch.nn.Module, k: int) -> None:
+        self.lm_head = lm_head
+        self.k = k
+        self.handle: Any = None
+
+    def __enter__(self) -> keep_last_positions:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (args[0][:, -self.k :, :], *args[1:])
+
+        self.handle = self.lm_head.register_forward_pre_hook(hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+def completion_logprobs(
+    model: torch.nn.Module,
+    batch: ModelBatch,
+    *,
+    temperature: float = 1.0,
+    chunk: int = 1024,
+) -> torch.Tensor:
+    """log π(token) for every completion position, [B, C] float32 (0 where masked out)."""
+    c = batch.completion_len
+    with keep_last_positions(model.lm_head, c + 1):
+        logits = model(**batch.inputs, use_cache=False).logits  # [B, C + 1, V]
+    logits = logits[:, :-1, :]  # position t predicts completion token t
+    out = []
+    for start in range(0, c, chunk):
+        part = logits[:, start : start + chunk, :].float()
+        if temperature != 1.0:
+            part = part / temperature
+        targets = batch.completion_ids[:, start : start + chunk].unsqueeze(-1)
+        token_logits = part.gather(-1, targets).squeeze(-1)
+        out.append(token_logits - torch.logsumexp(part, dim=-1))
+    return torch.cat(out, dim=1) * batch.completion_mask

@@ -1,0 +1,246 @@
+"""The run config: every default in one place. YAML files override it; `--set key=value` overrides those.
+
+Unknown keys and bad values fail before anything starts, naming the key.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _finite(cls, value: Any) -> Any:
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError("must be a finite number")
+        return value
+
+
+class DataConfig(Section):
+    train: Path = Path("data/synth/train/omni_rl_format_train.json")
+    valid: Path | None = Path("data/synth/valid/omni_rl_format_valid.json")
+    media_root: Path | None = None  # default: the folder holding each JSON file
+    skip_bad_records: bool = False  # true: refuse broken records (counted, listed) instead of stopping
+    shuffle: bool = True
+
+
+class MediaConfig(Section):
+    min_pixels: int = Field(4 * 28 * 28, gt=0)
+    max_pixels: int = Field(256 * 28 * 28, gt=0)
+    max_audio_seconds: float = Field(10.0, gt=0)
+    sample_rate: int = Field(16_000, gt=0)
+
+    @model_validator(mode="after")
+    def _order(self) -> MediaConfig:
+        if self.max_pixels < self.min_pixels:
+            raise ValueError(f"media.max_pixels ({self.max_pixels}) is below media.min_pixels ({self.min_pixels})")
+        return self
+
+
+class GRPOConfig(Section):
+    group_size: int = Field(16, ge=2, description="G: completions per question")
+    questions_per_step: int = Field(8, ge=1)
+    beta: float = Field(0.001, ge=0.0, description="KL weight; 0 skips the reference model")
+    kl_estimator: Literal["k1", "k2", "k3"] = "k3"
+    clip_eps: float | None = Field(None, gt=0.0, description="PPO clip; null is the reference run's loss")
+    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    adv_eps: float = Field(1e-4, gt=0.0)
+    off_policy: bool = Field(False, description="one-step-off-policy: roll out step t+1 while learning step t")
+    is_clip: float = Field(2.0, gt=0.0, description="truncation of importance weights when off_policy")
+
+
+class SamplingConfig(Section):
+    temperature: float = Field(1.0, ge=0.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = -1
+    max_new_tokens: int = Field(768, ge=1)
+
+
+class RolloutConfig(Section):
+    num_engines: int = Field(1, ge=1)
+    tensor_parallel_size: int = Field(1, ge=1)
+    max_model_len: int = Field(4096, ge=64)
+    memory_share: float = Field(0.85, gt=0.0, le=1.0, description="vLLM gpu_memory_utilization (host RAM share on CPU)")
+    enforce_eager: bool = False
+    max_num_seqs: int = Field(256, ge=1)
+    cpus_per_engine: float = Field(1.0, gt=0.0)
+
+
+class LearnerConfig(Section):
+    num_ranks: int = Field(1, ge=1)
+    zero_stage: Literal[2, 3] = 3
+    dtype: Literal["auto", "bfloat16", "float32"] = "auto"  # auto: bf16 on GPUs, fp32 on CPUs
+    gradient_checkpointing: bool = True
+    micro_batch_size: int = Field(4, ge=1, description="sequences per forward/backward on a rank")
+    lr: float = Field(1e-6, gt=0.0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = Field(0.01, ge=0.0)
+    adam_eps: float = Field(1e-8, gt=0.0)
+    lr_schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_steps: int = Field(0, ge=0)
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    grad_clip: float = Field(5.0, gt=0.0)
+    freeze_audio_tower: bool = False
+    freeze_vision_tower: bool = False
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
+    cpus_per_rank: float = Field(1.0, gt=0.0)
+    logprob_chunk: int = Field(1024, ge=1, description="positions per chunk of the log-softmax")
+
+
+class RewardConfig(Section):
+    weights: dict[str, float] = Field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
+    lenient: bool = False  # accuracy: also accept "C. text" / "C)" answers
+
+    @field_validator("weights")
+    @classmethod
+    def _weights(cls, value: dict[str, float]) -> dict[str, float]:
+        from rewards import REWARDS
+
+        if not value:
+            raise ValueError("at least one reward is needed")
+        unknown = sorted(set(value) - set(REWARDS))
+        if unknown:
+            raise ValueError(f"unknown reward(s) {unknown}; registered: {sorted(REWARDS)}")
+        for name, weight in value.items():
+            if not math.isfinite(weight):
+                raise ValueError(f"weight of {name!r} must be finite")
+        return value
+
+
+class SyncConfig(Section):
+    every: int = Field(1, ge=1, description="push weights to the engines every N optimizer steps")
+    bucket_mb: float = Field(1024.0, gt=0.0)
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
+    timeout_s: float = Field(600.0, gt=0.0)
+
+
+class EvalConfig(Section):
+    every: int = Field(0, ge=0, description="evaluate every N steps on a fixed subset (0: never during training)")
+    subset: int = Field(64, ge=1)
+    at_end: bool = True
+    mode: Literal["greedy", "sampled"] = "greedy"
+    samples: int = Field(1, ge=1)
+    ablate: list[Literal["none", "audio", "image", "both"]] = Field(default_factory=lambda: ["none"])
+
+
+class CheckpointConfig(Section):
+    every: int = Field(100, ge=0, description="save every N steps (0: only at the end)")
+    keep_last: int = Field(2, ge=1)
+    at_end: bool = True
+
+
+class RayConfig(Section):
+    address: str | None = None  # None: join a cluster if one runs (RAY_ADDRESS / auto), else start a local one
+    num_cpus: float | None = None  # logical CPUs of a local Ray (None: what the run needs, at least the host's)
+    use_gpus: Literal["auto", "yes", "no"] = "auto"
+
+
+class FaultConfig(Section):
+    max_engine_restarts: int = Field(3, ge=0)
+    max_restarts: int = Field(0, ge=0, description="automatic resumes after a learner failure")
+    max_nonfinite_steps: int = Field(3, ge=1)
+
+
+class RunConfig(Section):
+    model_path: Path = Path("checkpoints/tiny-omni")
+    output_dir: Path = Path("runs/tiny")
+    seed: int = 0
+    total_steps: int | None = Field(None, ge=1, description="null: epochs × steps per epoch")
+    epochs: float = Field(1.0, gt=0)
+    system_prompt: str | None = None
+    data: DataConfig = Field(default_factory=DataConfig)
+    media: MediaConfig = Field(default_factory=MediaConfig)
+    grpo: GRPOConfig = Field(default_factory=GRPOConfig)
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    rewards: RewardConfig = Field(default_factory=RewardConfig)
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+    faults: FaultConfig = Field(default_factory=FaultConfig)
+
+    def steps_for(self, num_train_records: int) -> int:
+        """The number of optimizer steps: ``total_steps`` or epochs over the training set."""
+        if self.total_steps is not None:
+            return self.total_steps
+        per_epoch = max(1, num_train_records // self.grpo.questions_per_step)
+        return max(1, math.ceil(per_epoch * self.epochs))
+
+
+class ConfigError(ValueError):
+    """A config that cannot run, naming the key."""
+
+
+def _format_errors(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid run config ({source}):"]
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "<root>"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        lines.append(f"  {key}: {msg}")
+    return "\n".join(lines)
+
+
+def _parse_scalar(text: str) -> Any:
+    """`--set` values are YAML scalars or flow collections: 3, 1e-6, true, null, [1, 2], {a: 1}."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value")
+    key, _, raw = assignment.partition("=")
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {assignment!r}: empty key")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = _parse_scalar(raw)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Defaults ← YAML file ← ``key=value`` overrides; paths in the YAML stay relative to the CWD."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+        tree = loaded or {}
+        source = str(path)
+    for assignment in overrides:
+        apply_override(tree, assignment)
+    if overrides:
+        source += " + --set " + " ".join(overrides)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc, source)) from None
+
+
+def dump_config(config: RunConfig) -> str:
+    return yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)

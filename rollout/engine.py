@@ -1,0 +1,180 @@
+"""A rollout engine: one vLLM `LLM` (in-process) behind a Ray actor.
+
+vLLM's CPU platform scans every loaded module when it starts; llvmlite (which librosa pulls in)
+breaks that scan, so the engine starts before anything here touches audio.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from avqa import MediaError, Record
+from omni.inputs import load_processor, prepare_prompt
+from omni.weightsync import BucketSpec, GroupInfo
+from rollout import receive
+from rollout.types import Completion, EngineSettings, RolloutResult, SamplingSettings
+
+CPU_KV_CACHE_BYTES = 256 << 20
+
+
+def request_seed(base: int, record_id: str, salt: int) -> int:
+    """A per-request seed from the run seed, the question and a call counter (stable across runs)."""
+    digest = hashlib.sha256(f"{base}:{record_id}:{salt}".encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+class RolloutEngine:
+    """Owns one vLLM engine for a checkpoint folder and serves `generate` calls."""
+
+    def __init__(self, settings: EngineSettings, engine_index: int = 0) -> None:
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        import vllm
+        from vllm.platforms import current_platform
+
+        self.settings = settings
+        self.index = engine_index
+        self.is_cpu = current_platform.is_cpu()
+        started = time.perf_counter()
+        kwargs: dict[str, Any] = {
+            "model": str(settings.model_path),
+            "tensor_parallel_size": settings.tensor_parallel_size,
+            "max_model_len": settings.max_model_len,
+            "gpu_memory_utilization": settings.memory_share,
+            "limit_mm_per_prompt": {"image": 1, "audio": 1, "video": 0},
+            "enforce_eager": settings.enforce_eager,
+            "seed": settings.seed + engine_index,
+            "dtype": settings.dtype,
+            "max_num_seqs": settings.max_num_seqs,
+            "load_format": settings.load_format,
+        }
+        kv_bytes = settings.kv_cache_bytes
+        if kv_bytes is None and self.is_cpu:
+            # The CPU backend sizes its cache as a share of one NUMA node minus this process's
+            # memory, which can go negative on a small host: a fixed size is predictable.
+            kv_bytes = CPU_KV_CACHE_BYTES
+        if kv_bytes is not None:
+            kwargs["kv_cache_memory_bytes"] = kv_bytes
+        if self.is_cpu and settings.dtype == "auto":
+            kwargs["dtype"] = "float32"  # auto would downcast a float32 checkpoint to bfloat16
+        self.llm = vllm.LLM(**kwargs)
+        self.processor = load_processor(settings.model_path)
+        self.start_seconds = time.perf_counter() - started
+        self.calls = 0
+        self.weight_version = 0
+
+    # ------------------------------------------------------------------ generation
+    def generate(
+        self,
+        records: Sequence[Record],
+        n: int,
+        sampling: SamplingSettings,
+        salt: int | None = None,
+        media_overrides: Sequence[dict[str, Any] | None] | None = None,
+    ) -> list[RolloutResult]:
+        """``n`` completions per record, in the records' order. A record whose media fail gets a
+        result with ``error`` set; the others are served. ``media_overrides`` replace a record's
+        image or audio (evaluation ablations)."""
+        from vllm import SamplingParams
+
+        self.calls += 1
+        salt = self.calls if salt is None else salt
+        results: list[RolloutResult] = []
+        inputs, params, slots = [], [], []
+        for i, record in enumerate(records):
+            override = (media_overrides[i] if media_overrides else None) or {}
+            try:
+                prompt = prepare_prompt(
+                    record,
+                    self.processor,
+                    media=self.settings.media,
+                    system_prompt=self.settings.system_prompt,
+                    image=override.get("image"),
+                    audio=override.get("audio"),
+                )
+            except (MediaError, ValueError, OSError) as exc:
+                results.append(RolloutResult(record.id, error=f"{type(exc).__name__}: {exc}"))
+                continue
+            seed = None if sampling.seed is None else request_seed(sampling.seed, record.id, salt)
+            params.append(
+                SamplingParams(
+                    n=n,
+                    temperature=sampling.temperature,
+                    top_p=sampling.top_p,
+                    top_k=sampling.top_k,
+                    max_tokens=sampling.max_new_tokens,
+                    logprobs=0,
+                    seed=seed,
+                    ignore_eos=sampling.ignore_eos,
+                    skip_special_tokens=True,
+                )
+            )
+            inputs.append(prompt.vllm_input())
+            slots.append(len(results))
+            results.append(RolloutResult(record.id))
+        if inputs:
+            outputs = self.llm.generate(inputs, params, use_tqdm=False)
+            for slot, output in zip(slots, outputs, strict=True):
+                result = results[slot]
+                result.prompt_token_ids = list(output.prompt_token_ids)
+                result.completions = [_completion(c) for c in output.outputs]
+        return results
+
+    # ------------------------------------------------------------------ weights
+    def init_weight_sync(self, info: GroupInfo, first_rank: int) -> list[int]:
+        """Join the learner's sync group (blocks until every member has joined)."""
+        return self.llm.collective_rpc(receive.join_sync_group, args=(info, first_rank))
+
+    def receive_weights(self, specs: Sequence[BucketSpec], version: int) -> int:
+        """Receive one full push and drop every cache computed with the old weights."""
+        counts = self.llm.collective_rpc(receive.receive_weights, args=(list(specs),))
+        self._reset_caches()
+        self.weight_version = version
+        return int(counts[0])
+
+    def load_weights(self, named: Sequence[tuple[str, Any]], version: int) -> int:
+        """Load named tensors passed directly (small pushes, tests)."""
+        counts = self.llm.collective_rpc(receive.load_named_weights, args=(list(named),))
+        self._reset_caches()
+        self.weight_version = version
+        return int(counts[0])
+
+    def _reset_caches(self) -> None:
+        self.llm.reset_prefix_cache()
+        engine = self.llm.llm_engine
+        if hasattr(engine, "reset_encoder_cache"):
+            engine.reset_encoder_cache()
+
+    def weights_digest(self, names: Sequence[str] | None = None) -> dict[str, float]:
+        return self.llm.collective_rpc(receive.weights_digest, args=(names,))[0]
+
+    # ------------------------------------------------------------------ housekeeping
+    def info(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "pid": os.getpid(),
+            "start_seconds": self.start_seconds,
+            "calls": self.calls,
+            "weight_version": self.weight_version,
+            "platform": "cpu" if self.is_cpu else "cuda",
+        }
+
+    def ping(self) -> bool:
+        return True
+
+
+def _completion(output: Any) -> Completion:
+    token_ids = list(output.token_ids)
+    logprobs = []
+    for token, entry in zip(token_ids, output.logprobs or [], strict=False):
+        logprobs.append(float(entry[token].logprob) if token in entry else float("nan"))
+    return Completion(
+        text=output.text,
+        token_ids=token_ids,
+        logprobs=logprobs,
+        finish_reason=str(output.finish_reason or "length"),
+    )

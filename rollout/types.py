@@ -1,0 +1,59 @@
+"""What rollout produces and takes: completions, per-question results, engine and sampling settings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omni.inputs import MediaSettings
+
+
+@dataclass
+class Completion:
+    """One sampled answer: its text, tokens and the sampler's log-prob of each token."""
+
+    text: str
+    token_ids: list[int]
+    logprobs: list[float]
+    finish_reason: str  # "stop" (end of turn), "length" (token limit), "abort"
+
+
+@dataclass
+class RolloutResult:
+    """The G completions of one question, with the prompt tokens vLLM used, or the error that
+    failed this question alone (for example a broken media file)."""
+
+    record_id: str
+    prompt_token_ids: list[int] = field(default_factory=list)
+    completions: list[Completion] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 1.0
+    top_p: float = 0.95
+    top_k: int = -1
+    max_new_tokens: int = 768
+    seed: int | None = None  # per-request seeds are derived from it and the question
+    ignore_eos: bool = False  # benchmarks: every completion runs to the token limit
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    model_path: Path
+    tensor_parallel_size: int = 1
+    max_model_len: int = 4096
+    memory_share: float = 0.85
+    kv_cache_bytes: int | None = None  # fixed KV cache size (CPU default: 256 MiB)
+    enforce_eager: bool = False
+    max_num_seqs: int = 256
+    seed: int = 0
+    dtype: str = "auto"
+    load_format: str = "auto"  # "dummy": random weights from config.json (benchmarks)
+    media: MediaSettings = MediaSettings()
+    system_prompt: str | None = None

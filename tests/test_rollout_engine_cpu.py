@@ -1,0 +1,151 @@
+"""The rollout engine on real vLLM (CPU backend) in real Ray actors, with the tiny checkpoint."""
+
+from __future__ import annotations
+
+import shutil
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from avqa import load_records
+from omni.inputs import collate, completion_logprobs, encode_prompt, load_processor, prepare_prompt
+from omni.weightsync import GroupInfo, SyncGroup, pack_bucket, plan_buckets, send_buckets
+from rollout.engine import RolloutEngine
+from rollout.pool import EnginePool
+from rollout.types import EngineSettings, SamplingSettings
+
+SAMPLING = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=12, seed=1)
+GREEDY = SamplingSettings(temperature=0.0, top_p=1.0, max_new_tokens=10, seed=0, ignore_eos=True)
+
+
+def start_engine(ray, model: Path, index: int = 0):
+    actor = ray.remote(RolloutEngine).options(num_cpus=1)
+    return actor.remote(EngineSettings(model_path=model, max_model_len=1024, enforce_eager=True), index)
+
+
+@pytest.fixture(scope="module")
+def records(train_json: Path):
+    return load_records(train_json)
+
+
+@pytest.fixture(scope="module")
+def engine(ray_local, tiny_checkpoint: Path):
+    handle = start_engine(ray_local, tiny_checkpoint)
+    yield handle
+    ray_local.kill(handle)
+
+
+def test_prompt_ids_and_logprobs_match_the_learner_side(ray_local, engine, tiny_checkpoint, records) -> None:
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    batch_records = records[:3]
+    results = ray_local.get(engine.generate.remote(batch_records, 2, SAMPLING))
+    processor = load_processor(tiny_checkpoint)
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(tiny_checkpoint), dtype=torch.float32)
+    model.eval()
+    prompts, completions, vllm_logps = [], [], []
+    for record, result in zip(batch_records, results, strict=True):
+        assert result.ok and result.record_id == record.id and len(result.completions) == 2
+        features = encode_prompt(processor, prepare_prompt(record, processor))
+        # image and audio placeholders expanded the same way on both sides, token for token
+        assert result.prompt_token_ids == features.input_ids.tolist()
+        for completion in result.completions:
+            assert len(completion.token_ids) == len(completion.logprobs) > 0
+            prompts.append(features)
+            completions.append(completion.token_ids)
+            vllm_logps.append(completion.logprobs)
+    eos = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    batch = collate(prompts, completions, pad_id=processor.tokenizer.pad_token_id, eos_ids=eos)
+    with torch.no_grad():
+        learner = completion_logprobs(model, batch)
+    diffs = []
+    for row, ref in enumerate(vllm_logps):
+        n = int(batch.completion_mask[row].sum())
+        diffs.extend((learner[row, :n] - torch.tensor(ref[:n])).abs().tolist())
+    # Both sides run the same float32 weights on the CPU; only kernels and summation order differ
+    # (vLLM's fused qkv/gate-up and CPU attention vs transformers' sdpa on a left-padded batch).
+    # That is rounding: measured here at ~1e-6 at most (float32 eps 1.2e-7 grown through two
+    # layers and a 1.7k-way log-softmax). The bound leaves a 100x margin; any real mismatch
+    # (a shifted position, another token, other media) moves log-probs by 0.1 or more.
+    assert max(diffs) < 1e-4, f"max |Δ log p| = {max(diffs):.2e}"
+    assert np.mean(diffs) < 1e-5
+
+
+def test_broken_media_fails_one_question_and_the_engine_serves_on(
+    ray_local, engine, records, tmp_path: Path
+) -> None:
+    root = tmp_path / "broken"
+    shutil.copytree(records[0].image_path.parent.parent, root)
+    (root / "audios" / records[1].audio_path.name).unlink()
+    (root / "images" / records[2].image_path.name).write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    broken = load_records(root / "omni_rl_format_train.json", check_media=False)
+    results = ray_local.get(engine.generate.remote(broken[:4], 2, SAMPLING))
+    assert [r.ok for r in results] == [True, False, False, True]
+    assert "no such file" in results[1].error and records[1].audio_path.name in results[1].error
+    assert "cannot decode image" in results[2].error and records[2].image_path.name in results[2].error
+    again = ray_local.get(engine.generate.remote(records[:2], 3, SAMPLING))
+    assert [len(r.completions) for r in again] == [3, 3]
+
+
+def test_pool_of_two_engines_keeps_order_and_groups(ray_local, engine, tiny_checkpoint, records) -> None:
+    second = start_engine(ray_local, tiny_checkpoint, index=1)
+    try:
+        pool = EnginePool([engine, second])
+        assert pool.assign(5) == [0, 1, 0, 1, 0]
+        batch = records[:7]
+        results = pool.generate(batch, 3, SAMPLING)
+        assert [r.record_id for r in results] == [r.id for r in batch]
+        assert all(r.ok and len(r.completions) == 3 for r in results)
+        assert pool.load == [0, 0]
+        infos = pool.broadcast("info")
+        assert {i["index"] for i in infos} == {0, 1} and len({i["pid"] for i in infos}) == 2
+    finally:
+        ray_local.kill(second)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_pushed_weights_change_generation_like_the_same_weights_from_disk(
+    ray_local, tiny_checkpoint, records, tmp_path: Path
+) -> None:
+    """Push perturbed weights through the gloo transport; a fresh engine on a saved copy of the
+    same weights must then produce the same greedy tokens."""
+    weights = load_file(str(tiny_checkpoint / "model.safetensors"))
+    g = torch.Generator().manual_seed(5)
+    changed = {name: t + 0.05 * torch.randn(t.shape, generator=g) for name, t in weights.items()}
+    copy = tmp_path / "perturbed"
+    shutil.copytree(tiny_checkpoint, copy)
+    save_file(changed, str(copy / "model.safetensors"), metadata={"format": "pt"})
+
+    pushed = start_engine(ray_local, tiny_checkpoint, index=2)
+    fresh = start_engine(ray_local, copy, index=3)
+    try:
+        batch = records[:3]
+        before = ray_local.get(pushed.generate.remote(batch, 1, GREEDY))
+        info = GroupInfo(host="127.0.0.1", port=free_port(), world_size=2, backend="gloo", timeout_s=60)
+        joined = pushed.init_weight_sync.remote(info, 1)
+        sender = SyncGroup(info, 0)
+        assert ray_local.get(joined) == [1]
+        names = sorted(changed)
+        specs = plan_buckets(((n, changed[n].shape, changed[n].dtype) for n in names), bucket_bytes=256 << 10)
+        assert len(specs) > 1
+        received = pushed.receive_weights.remote(specs, 1)
+        send_buckets(sender, (pack_bucket(s, [changed[t.name] for t in s.tensors]) for s in specs))
+        assert ray_local.get(received) == len(names)
+        after = ray_local.get(pushed.generate.remote(batch, 1, GREEDY))
+        expected = ray_local.get(fresh.generate.remote(batch, 1, GREEDY))
+        tokens = lambda results: [r.completions[0].token_ids for r in results]  # noqa: E731
+        assert tokens(after) != tokens(before)
+        assert tokens(after) == tokens(expected)
+        assert ray_local.get(pushed.info.remote())["weight_version"] == 1
+    finally:
+        ray_local.kill(pushed)
+        ray_local.kill(fresh)
