@@ -6,6 +6,7 @@ No Ray, no DeepSpeed: every function here is checked against float64 formulas in
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -66,32 +67,53 @@ KL_ESTIMATORS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] =
 }
 
 
-def _seq_mean_token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+@dataclass(frozen=True)
+class LossNorm:
+    """The whole optimizer step's counts, so that the loss of any part of the batch (a rank's
+    micro-batch) is its exact share of the full-batch loss and the shares sum to it."""
+
+    sequences: int
+    tokens: float
+    length: int  # Dr. GRPO's constant: the generation limit
 
 
-def _token_mean(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return (per_token * mask).sum() / mask.sum().clamp(min=1)
+def _seq_mean_token_mean(per_token: torch.Tensor, mask: torch.Tensor, norm: LossNorm) -> torch.Tensor:
+    return ((per_token * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).sum() / norm.sequences
 
 
-def _seq_mean_token_sum_norm(per_token: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    # Dr. GRPO: sum over tokens divided by a constant (the padded length), mean over sequences
-    return ((per_token * mask).sum(dim=1) / mask.shape[1]).mean()
+def _token_mean(per_token: torch.Tensor, mask: torch.Tensor, norm: LossNorm) -> torch.Tensor:
+    return (per_token * mask).sum() / max(norm.tokens, 1.0)
 
 
-AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
+def _seq_mean_token_sum_norm(per_token: torch.Tensor, mask: torch.Tensor, norm: LossNorm) -> torch.Tensor:
+    # Dr. GRPO: each sequence's token sum over a constant length, mean over sequences
+    return (per_token * mask).sum() / norm.length / norm.sequences
+
+
+AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, LossNorm], torch.Tensor]] = {
     "seq-mean-token-mean": _seq_mean_token_mean,
     "token-mean": _token_mean,
     "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
 }
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, agg: str = "seq-mean-token-mean") -> torch.Tensor:
+def local_norm(mask: torch.Tensor) -> LossNorm:
+    """The counts of this batch alone (the whole step is this batch)."""
+    return LossNorm(sequences=mask.shape[0], tokens=float(mask.sum()), length=mask.shape[1])
+
+
+def aggregate(
+    per_token: torch.Tensor,
+    mask: torch.Tensor,
+    agg: str = "seq-mean-token-mean",
+    norm: LossNorm | None = None,
+) -> torch.Tensor:
     try:
         fn = AGGREGATIONS[agg]
     except KeyError:
         raise ValueError(f"unknown aggregation {agg!r}; known: {sorted(AGGREGATIONS)}") from None
-    return fn(per_token, mask.to(per_token.dtype))
+    mask = mask.to(per_token.dtype)
+    return fn(per_token, mask, norm if norm is not None else local_norm(mask))
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -110,13 +132,15 @@ def policy_loss(
     agg: str = "seq-mean-token-mean",
     kl: str = "k3",
     is_weights: torch.Tensor | None = None,
+    norm: LossNorm | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO loss over completion tokens ([batch, tokens] tensors, ``advantages`` [batch]).
 
     With ``clip_eps=None`` and ``old_logp = logp.detach()`` this is the reference run's loss,
     −(ratio·A − β·KL) per token; with ``clip_eps`` it is PPO's clipped surrogate (a pair gives
     asymmetric low/high bounds). ``is_weights`` multiply the per-token policy term: the truncated
-    importance-sampling correction for off-policy rollouts.
+    importance-sampling correction for off-policy rollouts. ``norm`` gives the whole step's
+    counts when this batch is one part of it (default: this batch is the step).
     """
     mask = mask.to(logp.dtype)
     adv = advantages.to(logp.dtype).unsqueeze(1)
@@ -136,7 +160,7 @@ def policy_loss(
         per_token_kl = KL_ESTIMATORS[kl](logp, ref_logp)
         per_token = per_token + beta * per_token_kl
         kl_value = masked_mean(per_token_kl.detach(), mask)
-    loss = aggregate(per_token, mask, agg)
+    loss = aggregate(per_token, mask, agg, norm)
     with torch.no_grad():
         valid = mask.bool()
         r = ratio.detach()[valid]

@@ -203,15 +203,21 @@ class keep_last_positions:
 
 
 def completion_logprobs(
-    model: torch.nn.Module,
+    model: Any,
     batch: ModelBatch,
     *,
+    lm_head: torch.nn.Module | None = None,
     temperature: float = 1.0,
     chunk: int = 1024,
 ) -> torch.Tensor:
-    """log π(token) for every completion position, [B, C] float32 (0 where masked out)."""
+    """log π(token) for every completion position, [B, C] float32 (0 where masked out).
+
+    ``model`` is the thinker or a wrapper that calls it (a DeepSpeed engine); ``lm_head`` is the
+    thinker's output layer, by default ``model.lm_head``.
+    """
     c = batch.completion_len
-    with keep_last_positions(model.lm_head, c + 1):
+    head = lm_head if lm_head is not None else model.lm_head
+    with keep_last_positions(head, c + 1):
         logits = model(**batch.inputs, use_cache=False).logits  # [B, C + 1, V]
     logits = logits[:, :-1, :]  # position t predicts completion token t
     out = []

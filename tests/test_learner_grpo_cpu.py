@@ -139,3 +139,18 @@ def test_beta_zero_and_no_reference() -> None:
     with_ref, m1 = policy_loss(logp, logp, ref, adv, mask, beta=0.0)
     without, m2 = policy_loss(logp, logp, None, adv, mask, beta=0.1)
     assert with_ref.item() == pytest.approx(without.item()) and m1["kl"] == m2["kl"] == 0.0
+
+
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
+def test_parts_of_a_batch_sum_to_the_whole(agg: str) -> None:
+    """What a rank's micro-batches contribute adds up to the full-batch loss (data parallelism)."""
+    from learner.grpo import LossNorm
+
+    logp, ref, adv, mask = batch(4)
+    whole, _ = policy_loss(logp, logp, ref, adv, mask, beta=0.01, agg=agg)
+    norm = LossNorm(sequences=4, tokens=float(mask.sum()), length=6)
+    parts = [
+        policy_loss(logp[i:j], logp[i:j], ref[i:j], adv[i:j], mask[i:j], beta=0.01, agg=agg, norm=norm)[0]
+        for i, j in [(0, 1), (1, 3), (3, 4)]
+    ]
+    assert sum(p.item() for p in parts) == pytest.approx(whole.item(), rel=1e-12)

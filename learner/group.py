@@ -1,0 +1,115 @@
+"""A learner group: N ranks as Ray actors, one optimizer step per `train_step` call."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import ray
+
+from learner.grpo import LossNorm
+from learner.types import Experience, LearnerSettings
+from learner.worker import LearnerWorker
+from omni.inputs import completion_mask
+from omni.weightsync import BucketSpec, GroupInfo
+
+
+def shard(experiences: Sequence[Experience], ranks: int) -> list[list[Experience]]:
+    """Deal completions to ranks by length (longest first, round robin) so ranks and micro-batches
+    get similar lengths; pad with zero-weight copies so every rank runs the same micro-batches."""
+    order = sorted(range(len(experiences)), key=lambda i: (-len(experiences[i].completion_ids), i))
+    shards: list[list[Experience]] = [[] for _ in range(ranks)]
+    for pos, i in enumerate(order):
+        shards[pos % ranks].append(experiences[i])
+    longest = max(len(s) for s in shards)
+    for s in shards:
+        filler = s[0] if s else experiences[0]
+        while len(s) < longest:
+            s.append(Experience(filler.record, filler.completion_ids, 0.0, filler.sampler_logprobs, dummy=True))
+    return shards
+
+
+class LearnerGroup:
+    def __init__(self, settings: LearnerSettings, actor_options: Sequence[dict[str, Any]]) -> None:
+        if len(actor_options) != settings.num_ranks:
+            raise ValueError(f"{settings.num_ranks} ranks but {len(actor_options)} placements")
+        self.settings = settings
+        worker_cls = ray.remote(LearnerWorker)
+        self.workers = [
+            worker_cls.options(**opts).remote(settings, rank, settings.num_ranks)
+            for rank, opts in enumerate(actor_options)
+        ]
+        addr, port = ray.get(self.workers[0].address.remote())
+        self.setup_info = ray.get([w.setup.remote(addr, port) for w in self.workers])
+        self.eos_ids = ray.get(self.workers[0].eos_token_ids.remote())
+
+    def _norm(self, experiences: Sequence[Experience]) -> LossNorm:
+        tokens = sum(sum(completion_mask(e.completion_ids, self.eos_ids)) for e in experiences)
+        return LossNorm(sequences=len(experiences), tokens=float(tokens), length=self.settings.max_new_tokens)
+
+    def train_step(self, experiences: Sequence[Experience]) -> dict[str, float]:
+        """One optimizer step on the whole batch; returns averaged metrics."""
+        if not experiences:
+            raise ValueError("train_step needs at least one experience")
+        norm = self._norm(experiences)
+        shards = shard(experiences, len(self.workers))
+        parts = ray.get([w.train_step.remote(s, norm) for w, s in zip(self.workers, shards, strict=True)])
+        return combine(parts)
+
+    def compute_logprobs(self, experiences: Sequence[Experience], reference: bool = False) -> list[list[float]]:
+        return ray.get(self.workers[0].compute_logprobs.remote(list(experiences), reference))
+
+    # weights ----------------------------------------------------------------
+    def weight_specs(self, bucket_bytes: int) -> list[BucketSpec]:
+        return ray.get(self.workers[0].weight_specs.remote(bucket_bytes))
+
+    def init_weight_sync(self, info: GroupInfo) -> Any:
+        """Returns rank 0's future: it completes once every engine has joined too."""
+        return self.workers[0].init_weight_sync.remote(info)
+
+    def send_weights(self, specs: Sequence[BucketSpec]) -> list[Any]:
+        """Futures of every rank's part of one push (rank 0 sends, others join ZeRO-3 gathers)."""
+        return [w.send_weights.remote(list(specs)) for w in self.workers]
+
+    def named_weights(self, names: Sequence[str] | None = None) -> list[tuple[str, Any]]:
+        parts = ray.get([w.named_weights.remote(names) for w in self.workers])
+        return parts[0]
+
+    # checkpoints ----------------------------------------------------------------
+    def save(self, folder: str, client_state: dict[str, Any] | None = None) -> None:
+        ray.get([w.save.remote(folder, client_state) for w in self.workers])
+
+    def load_train_state(self, folder: str) -> dict[str, Any]:
+        return ray.get([w.load_train_state.remote(folder) for w in self.workers])[0]
+
+    def kill(self) -> None:
+        for w in self.workers:
+            ray.kill(w)
+
+
+def combine(parts: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Rank sums → step metrics."""
+    total: dict[str, float] = {}
+    for key in ("loss", "tokens", "sequences", "kl_sum", "clip_sum", "input_tokens", "mismatch_sum",
+                "logp_gap_sum", "mismatch_tokens", "nonfinite_loss"):
+        total[key] = sum(p.get(key, 0.0) for p in parts)
+    tokens = max(total["tokens"], 1.0)
+    out = {
+        "loss": total["loss"],
+        "kl": total["kl_sum"] / tokens,
+        "clip_fraction": total["clip_sum"] / tokens,
+        "grad_norm": parts[0]["grad_norm"],
+        "lr": parts[0]["lr"],
+        "tokens": total["tokens"],
+        "sequences": total["sequences"],
+        "input_tokens": total["input_tokens"],
+        "learn_seconds": max(p["learn_seconds"] for p in parts),
+        "nonfinite_loss": total["nonfinite_loss"],
+    }
+    if total["mismatch_tokens"] > 0:
+        out["mismatch/token_prob_error"] = total["mismatch_sum"] / total["mismatch_tokens"]
+        out["mismatch/logprob_abs_error"] = total["logp_gap_sum"] / total["mismatch_tokens"]
+    peaks = [p["peak_memory_gb"] for p in parts if "peak_memory_gb" in p]
+    if peaks:
+        out["memory/learner_peak_gb"] = max(peaks)
+    return out

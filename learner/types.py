@@ -1,0 +1,62 @@
+"""What the learner takes and gives back."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from avqa import Record
+from omni.inputs import MediaSettings
+
+
+@dataclass
+class Experience:
+    """One completion to learn from: its question, tokens, advantage, and what the sampler saw."""
+
+    record: Record
+    completion_ids: list[int]
+    advantage: float
+    sampler_logprobs: list[float] | None = None  # vLLM's per-token log-probs (mismatch, off-policy IS)
+    dummy: bool = False  # padding so every rank runs the same number of micro-batches; adds nothing
+
+
+@dataclass(frozen=True)
+class LearnerSettings:
+    model_path: Path
+    num_ranks: int = 1
+    zero_stage: int = 2
+    dtype: str = "auto"  # auto: bfloat16 on GPUs, float32 on CPUs
+    gradient_checkpointing: bool = True
+    micro_batch_size: int = 4
+    lr: float = 1e-6
+    betas: tuple[float, float] = (0.9, 0.999)
+    weight_decay: float = 0.01
+    adam_eps: float = 1e-8
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0
+    total_steps: int = 1
+    grad_clip: float = 5.0
+    freeze_audio_tower: bool = False
+    freeze_vision_tower: bool = False
+    attn_implementation: str = "sdpa"
+    beta: float = 0.001
+    kl_estimator: str = "k3"
+    clip_eps: float | None = None
+    loss_agg: str = "seq-mean-token-mean"
+    off_policy: bool = False
+    is_clip: float = 2.0
+    temperature: float = 1.0
+    max_new_tokens: int = 768
+    logprob_chunk: int = 1024
+    seed: int = 0
+    media: MediaSettings = MediaSettings()
+    system_prompt: str | None = None
+    random_init: bool = False  # benchmarks: random weights from config.json, no checkpoint read
+
+
+@dataclass
+class StepMetrics:
+    """Averaged over the step's real (non-padding) sequences and tokens."""
+
+    values: dict[str, float] = field(default_factory=dict)

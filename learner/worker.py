@@ -1,0 +1,506 @@
+"""One learner rank: a DeepSpeed engine around the Qwen2.5-Omni thinker, in a Ray actor.
+
+A rank builds model inputs itself (same media path as the engines), computes policy and reference
+log-probs over completion tokens, accumulates gradients over micro-batches and steps once per call.
+It also streams its weights to the rollout engines and writes loadable checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learner.export import copy_model_files, write_weights
+from learner.grpo import LossNorm, policy_loss
+from learner.schedule import lr_multiplier
+from learner.types import Experience, LearnerSettings
+from omni.inputs import (
+    ModelBatch,
+    PromptFeatures,
+    collate,
+    completion_logprobs,
+    encode_prompt,
+    load_processor,
+    prepare_prompt,
+)
+from omni.names import to_learner_name, to_vllm_name
+from omni.weightsync import (
+    BucketSpec,
+    GroupInfo,
+    SyncGroup,
+    pack_bucket,
+    plan_buckets,
+    send_buckets,
+)
+
+TRAIN_STATE_DIR = "train_state"
+TRAIN_STATE_TAG = "state"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    try:
+        import ray
+
+        return ray.util.get_node_ip_address()
+    except Exception:  # outside Ray
+        return "127.0.0.1"
+
+
+class LearnerWorker:
+    """Rank ``rank`` of ``world_size``. Construction is cheap; :meth:`setup` joins the group."""
+
+    def __init__(self, settings: LearnerSettings, rank: int, world_size: int) -> None:
+        self.settings = settings
+        self.rank = rank
+        self.world_size = world_size
+        self.sync: SyncGroup | None = None
+        self.steps_done = 0
+
+    def address(self) -> tuple[str, int]:
+        return node_ip(), free_port()
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, master_addr: str, master_port: int) -> dict[str, Any]:
+        os.environ.update(
+            RANK=str(self.rank),
+            WORLD_SIZE=str(self.world_size),
+            LOCAL_RANK="0",
+            LOCAL_WORLD_SIZE="1",
+            MASTER_ADDR=master_addr,
+            MASTER_PORT=str(master_port),
+        )
+        started = time.perf_counter()
+        import deepspeed
+
+        self.cuda = torch.cuda.is_available()
+        self.device = torch.device("cuda", 0) if self.cuda else torch.device("cpu")
+        if self.cuda:
+            torch.cuda.set_device(self.device)
+        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", auto_mpi_discovery=False)
+        torch.manual_seed(self.settings.seed)
+        s = self.settings
+        if s.dtype == "auto":
+            self.dtype = torch.bfloat16 if self.cuda else torch.float32
+        else:
+            self.dtype = getattr(torch, s.dtype)
+        self.ds_config = self._ds_config()
+        model = self._build_model(trainable=True)
+        if s.freeze_audio_tower:
+            model.audio_tower.requires_grad_(False)
+        if s.freeze_vision_tower:
+            model.visual.requires_grad_(False)
+        if s.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+        decay, no_decay = [], []
+        for param in model.parameters():
+            if param.requires_grad:
+                (decay if param.ndim >= 2 else no_decay).append(param)
+        groups = [
+            {"params": decay, "weight_decay": s.weight_decay},
+            {"params": no_decay, "weight_decay": 0.0},
+        ]
+
+        def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer,
+                lambda step: lr_multiplier(
+                    step, total=s.total_steps, warmup=s.warmup_steps, kind=s.lr_schedule, min_ratio=s.min_lr_ratio
+                ),
+            )
+
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=[g for g in groups if g["params"]], config=self.ds_config, lr_scheduler=schedule
+        )
+        self.reference = self._build_reference() if s.beta > 0 else None
+        self.processor = load_processor(s.model_path)
+        tokenizer = self.processor.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.eos_ids = sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id} - {None})
+        self.named_params = dict(self.engine.module.named_parameters())
+        return {
+            "rank": self.rank,
+            "device": str(self.device),
+            "dtype": str(self.dtype),
+            "setup_seconds": time.perf_counter() - started,
+            "parameters": sum(_numel(p) for p in self.named_params.values()),
+            "trainable": sum(_numel(p) for p in self.named_params.values() if p.requires_grad),
+        }
+
+    def _ds_config(self) -> dict[str, Any]:
+        s = self.settings
+        zero: dict[str, Any] = {
+            "stage": s.zero_stage,
+            "contiguous_gradients": True,
+            "overlap_comm": self.cuda,
+            "reduce_bucket_size": int(5e8),
+        }
+        if s.zero_stage == 3:
+            zero.update(
+                stage3_prefetch_bucket_size=int(5e8),
+                stage3_param_persistence_threshold=int(1e6),
+                stage3_max_live_parameters=int(1e9),
+                stage3_max_reuse_distance=int(1e9),
+            )
+        else:
+            zero["allgather_bucket_size"] = int(5e8)
+        return {
+            "train_micro_batch_size_per_gpu": s.micro_batch_size,
+            "gradient_accumulation_steps": 1,
+            # backward() only accumulates; step() is the boundary: one call of train_step is one
+            # optimizer step whatever the number of micro-batches
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": s.grad_clip,
+            "zero_optimization": zero,
+            "bf16": {"enabled": self.dtype == torch.bfloat16},
+            "optimizer": {
+                "type": "AdamW",
+                "params": {
+                    "lr": s.lr,
+                    "betas": list(s.betas),
+                    "eps": s.adam_eps,
+                    "weight_decay": s.weight_decay,
+                    "torch_adam": True,
+                    "adam_w_mode": True,
+                },
+            },
+            "steps_per_print": 10**9,
+            "wall_clock_breakdown": False,
+        }
+
+    def _build_model(self, trainable: bool) -> torch.nn.Module:
+        import deepspeed
+        from transformers import AutoConfig
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
+
+        s = self.settings
+        if s.zero_stage == 3:
+            config = AutoConfig.from_pretrained(str(s.model_path), local_files_only=True)
+            thinker_config = getattr(config, "thinker_config", config)
+            from transformers.initialization import no_init_weights
+
+            # transformers' own initialisation indexes into weights that ZeRO-3 has already
+            # partitioned away; the weights are loaded right after (or stay at torch's defaults
+            # for random-weight benchmarks). The dtype comes from the config's bf16 section:
+            # DeepSpeed 0.19.8 ignores an explicit dtype on accelerators without fp16 (the CPU).
+            with deepspeed.zero.Init(config_dict_or_path=self.ds_config), no_init_weights():
+                model = Thinker._from_config(thinker_config, attn_implementation=s.attn_implementation, dtype=self.dtype)
+            if not s.random_init:
+                self._load_weights_zero3(model)
+        elif s.random_init:
+            config = AutoConfig.from_pretrained(str(s.model_path), local_files_only=True)
+            thinker_config = getattr(config, "thinker_config", config)
+            model = Thinker._from_config(thinker_config, attn_implementation=s.attn_implementation, dtype=self.dtype)
+        else:
+            model = Thinker.from_pretrained(
+                str(s.model_path), dtype=self.dtype, attn_implementation=s.attn_implementation, local_files_only=True
+            )
+        model.to(self.device)
+        if not trainable:
+            model.eval()
+            model.requires_grad_(False)
+        return model
+
+    def _load_weights_zero3(self, model: torch.nn.Module) -> None:
+        """Fill partitioned parameters from the checkpoint: rank 0 reads, every rank takes its shard."""
+        import deepspeed
+        from safetensors import safe_open
+
+        files = _weight_files(self.settings.model_path)
+        location: dict[str, Path] = {}
+        if self.rank == 0:
+            for path in files:
+                with safe_open(str(path), framework="pt") as fh:
+                    for name in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                        if name.startswith("thinker."):
+                            location[to_learner_name(name)] = path
+        handles: dict[Path, Any] = {}
+        try:
+            for name, param in model.named_parameters():
+                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                    if self.rank == 0:
+                        if name not in location:
+                            raise KeyError(f"{self.settings.model_path}: no weight for parameter {name}")
+                        path = location[name]
+                        if path not in handles:
+                            handles[path] = safe_open(str(path), framework="pt")
+                        param.data.copy_(handles[path].get_tensor(to_vllm_name(name)))
+        finally:
+            handles.clear()
+
+    def _build_reference(self) -> Any:
+        import deepspeed
+
+        model = self._build_model(trainable=False)
+        if self.settings.zero_stage == 3:
+            config = {
+                "train_micro_batch_size_per_gpu": self.settings.micro_batch_size,
+                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": int(1e6)},
+                "bf16": {"enabled": self.dtype == torch.bfloat16},
+            }
+            engine, *_ = deepspeed.initialize(model=model, config=config)
+            engine.eval()
+            return engine
+        return model
+
+    # ------------------------------------------------------------------ batches
+    def _features(self, experiences: Sequence[Experience], cache: dict[str, PromptFeatures]) -> list[PromptFeatures]:
+        out = []
+        for exp in experiences:
+            key = exp.record.id
+            if key not in cache:
+                prompt = prepare_prompt(
+                    exp.record, self.processor, media=self.settings.media, system_prompt=self.settings.system_prompt
+                )
+                cache[key] = encode_prompt(self.processor, prompt)
+            out.append(cache[key])
+        return out
+
+    def _batch(self, experiences: Sequence[Experience], cache: dict[str, PromptFeatures]) -> ModelBatch:
+        batch = collate(
+            self._features(experiences, cache),
+            [e.completion_ids for e in experiences],
+            pad_id=self.pad_id,
+            eos_ids=self.eos_ids,
+        )
+        batch = batch.to(self.device, float_dtype=self.dtype)
+        batch.completion_mask = batch.completion_mask.float()
+        return batch
+
+    def _logprobs(self, model: Any, batch: ModelBatch) -> torch.Tensor:
+        module = getattr(model, "module", model)
+        return completion_logprobs(
+            model,
+            batch,
+            lm_head=module.lm_head,
+            temperature=self.settings.temperature,
+            chunk=self.settings.logprob_chunk,
+        )
+
+    # ------------------------------------------------------------------ training
+    def train_step(self, experiences: Sequence[Experience], norm: LossNorm) -> dict[str, float]:
+        """Forward/backward over micro-batches of this rank's share, then one optimizer step.
+
+        Returns sums over real sequences and tokens (the group turns them into averages).
+        """
+        s = self.settings
+        started = time.perf_counter()
+        self.engine.train()
+        cache: dict[str, PromptFeatures] = {}
+        sums: dict[str, float] = defaultdict(float)
+        lr = float(self.scheduler.get_last_lr()[0])
+        for start in range(0, len(experiences), s.micro_batch_size):
+            micro = experiences[start : start + s.micro_batch_size]
+            batch = self._batch(micro, cache)
+            real = torch.tensor([0.0 if e.dummy else 1.0 for e in micro], device=self.device)
+            mask = batch.completion_mask * real.unsqueeze(1)
+            advantages = torch.tensor([e.advantage for e in micro], device=self.device, dtype=torch.float32)
+            logp = self._logprobs(self.engine, batch)
+            ref_logp = None
+            if self.reference is not None:
+                with torch.no_grad():
+                    ref_logp = self._logprobs(self.reference, batch)
+            sampler = _pad_logprobs([e.sampler_logprobs for e in micro], logp.shape, self.device)
+            old_logp, is_weights = logp.detach(), None
+            if s.off_policy and sampler is not None:
+                if s.clip_eps is not None:
+                    old_logp = sampler  # PPO's clipped ratio against the sampling policy
+                else:  # truncated importance weights from the sampler to the current policy
+                    is_weights = torch.exp(logp.detach() - sampler).clamp(max=s.is_clip) * mask
+            loss, metrics = policy_loss(
+                logp,
+                old_logp,
+                ref_logp,
+                advantages,
+                mask,
+                beta=s.beta,
+                clip_eps=s.clip_eps,
+                agg=s.loss_agg,
+                kl=s.kl_estimator,
+                is_weights=is_weights,
+                norm=norm,
+            )
+            if not torch.isfinite(loss):
+                sums["nonfinite_loss"] += 1.0
+            # DeepSpeed averages gradients over ranks; the shares already sum to the batch loss
+            self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            tokens = float(mask.sum())
+            sums["loss"] += float(loss.detach())
+            sums["tokens"] += tokens
+            sums["sequences"] += float(real.sum())
+            sums["kl_sum"] += metrics["kl"] * tokens
+            sums["clip_sum"] += metrics["clip_fraction"] * tokens
+            sums["input_tokens"] += float((batch.inputs["attention_mask"].sum(dim=1) * real).sum())
+            if sampler is not None:
+                probs_gap = (torch.exp(logp.detach()) - torch.exp(sampler)).abs() * mask
+                sums["mismatch_sum"] += float(probs_gap.sum())
+                sums["logp_gap_sum"] += float(((logp.detach() - sampler).abs() * mask).sum())
+                sums["mismatch_tokens"] += tokens
+        self.engine.step()
+        grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+        self.steps_done += 1
+        sums["grad_norm"] = grad_norm
+        sums["lr"] = lr
+        sums["learn_seconds"] = time.perf_counter() - started
+        if self.cuda:
+            sums["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        return dict(sums)
+
+    @torch.no_grad()
+    def compute_logprobs(self, experiences: Sequence[Experience], reference: bool = False) -> list[list[float]]:
+        """Per-token log-probs of each completion (through the end-of-turn token)."""
+        model = self.reference if reference else self.engine
+        if model is None:
+            raise ValueError("no reference model (beta is 0)")
+        was_training = self.engine.training
+        self.engine.eval()
+        cache: dict[str, PromptFeatures] = {}
+        out: list[list[float]] = []
+        try:
+            for start in range(0, len(experiences), self.settings.micro_batch_size):
+                batch = self._batch(experiences[start : start + self.settings.micro_batch_size], cache)
+                logp = self._logprobs(model, batch)
+                for row in range(logp.shape[0]):
+                    n = int(batch.completion_mask[row].sum())
+                    out.append(logp[row, :n].float().cpu().tolist())
+        finally:
+            self.engine.train(was_training)
+        return out
+
+    def eos_token_ids(self) -> list[int]:
+        return list(self.eos_ids)
+
+    # ------------------------------------------------------------------ weights out
+    def _ordered_params(self) -> list[tuple[str, torch.nn.Parameter]]:
+        return list(self.named_params.items())
+
+    def weight_specs(self, bucket_bytes: int) -> list[BucketSpec]:
+        return plan_buckets(
+            ((to_vllm_name(n), _full_shape(p), self.dtype if p.is_floating_point() else p.dtype) for n, p in self._ordered_params()),
+            bucket_bytes,
+        )
+
+    def _gathered(self, specs: Sequence[BucketSpec]) -> Iterator[list[torch.Tensor] | None]:
+        """Per bucket, the full tensors on rank 0 (None on other ranks, which join the gathers)."""
+        import deepspeed
+
+        zero3 = self.settings.zero_stage == 3
+        for spec in specs:
+            params = [self.named_params[to_learner_name(t.name)] for t in spec.tensors]
+            if zero3:
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                    yield [p.data.to(self.dtype) if p.is_floating_point() else p.data for p in params] if self.rank == 0 else None
+            else:
+                yield [p.data.to(self.dtype) if p.is_floating_point() else p.data for p in params] if self.rank == 0 else None
+
+    def init_weight_sync(self, info: GroupInfo) -> bool:
+        """Rank 0 joins the sync group as its rank 0 (blocks until every engine worker has joined)."""
+        if self.rank == 0:
+            self.sync = SyncGroup(info, 0, device=self.device)
+        return True
+
+    def send_weights(self, specs: Sequence[BucketSpec]) -> dict[str, float]:
+        """Stream every weight to the engines (all ranks call this: ZeRO-3 gathers are collective)."""
+        started = time.perf_counter()
+        sent = 0
+        if self.rank == 0:
+            if self.sync is None:
+                raise RuntimeError("init_weight_sync was not called on rank 0")
+            buckets = (
+                pack_bucket(spec, tensors, device=self.device)
+                for spec, tensors in zip(specs, self._gathered(specs), strict=True)
+            )
+            sent = send_buckets(self.sync, buckets)
+        else:
+            for _ in self._gathered(specs):
+                pass
+        if self.cuda:
+            torch.cuda.synchronize()
+        return {"bytes": float(sent), "seconds": time.perf_counter() - started}
+
+    def named_weights(self, names: Sequence[str] | None = None) -> list[tuple[str, torch.Tensor]]:
+        """Full weights on CPU under vLLM names (rank 0 returns them; small models, tests)."""
+        specs = self.weight_specs(bucket_bytes=1 << 62)
+        out: list[tuple[str, torch.Tensor]] = []
+        for spec, tensors in zip(specs, self._gathered(specs), strict=True):
+            if tensors is None:
+                continue
+            for ts, tensor in zip(spec.tensors, tensors, strict=True):
+                if names is None or ts.name in names:
+                    out.append((ts.name, tensor.detach().to("cpu").clone()))
+        return out
+
+    # ------------------------------------------------------------------ checkpoints
+    def save(self, folder: str, client_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Write the loadable model folder (rank 0) and the resumable train state (every rank)."""
+        dest = Path(folder)
+        specs = self.weight_specs(bucket_bytes=1 << 30)
+
+        def named() -> Iterator[tuple[str, torch.Tensor]]:
+            for spec, tensors in zip(specs, self._gathered(specs), strict=True):
+                if tensors is not None:
+                    yield from ((ts.name, t) for ts, t in zip(spec.tensors, tensors, strict=True))
+
+        if self.rank == 0:
+            copy_model_files(Path(self.settings.model_path), dest)
+            write_weights(dest, named())
+        else:
+            for _ in named():
+                pass
+        self.engine.save_checkpoint(
+            str(dest / TRAIN_STATE_DIR), tag=TRAIN_STATE_TAG, client_state=client_state or {}, save_latest=False
+        )
+        return {"rank": self.rank, "folder": str(dest)}
+
+    def load_train_state(self, folder: str) -> dict[str, Any]:
+        _, client_state = self.engine.load_checkpoint(
+            str(Path(folder) / TRAIN_STATE_DIR),
+            tag=TRAIN_STATE_TAG,
+            load_optimizer_states=True,
+            load_lr_scheduler_states=True,
+        )
+        return client_state or {}
+
+    def ping(self) -> int:
+        return self.rank
+
+
+def _numel(param: torch.Tensor) -> int:
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
+    shape = getattr(param, "ds_shape", None)
+    return tuple(shape) if shape is not None else tuple(param.shape)
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    folder = Path(folder)
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no .safetensors weights (only safetensors are loaded)")
+    return files
+
+
+def _pad_logprobs(rows: Sequence[list[float] | None], shape: torch.Size, device: torch.device) -> torch.Tensor | None:
+    if any(r is None for r in rows):
+        return None
+    out = torch.zeros(shape, dtype=torch.float32, device=device)
+    for i, row in enumerate(rows):
+        n = min(len(row), shape[1])
+        out[i, :n] = torch.tensor(row[:n], dtype=torch.float32)
+    return torch.nan_to_num(out, nan=0.0)

@@ -1,0 +1,138 @@
+"""The DeepSpeed learner group on the CPU (gloo), real Ray actors, the tiny checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+from avqa import load_records
+from learner.group import LearnerGroup, shard
+from learner.types import Experience, LearnerSettings
+from omni.inputs import load_processor
+
+END = 1634  # <|im_end|> in the tiny tokenizer (checked in the fixture)
+COMPLETIONS = [
+    "<think>the shape is red and the tone is low</think><answer>A</answer>",
+    "<think>hmm, wait</think><answer>B</answer>",
+    "<think>let me think about the sound</think><answer>C</answer>",
+    "<answer>D</answer>",
+]
+
+
+def settings(model: Path, **overrides) -> LearnerSettings:
+    base = LearnerSettings(
+        model_path=model,
+        num_ranks=1,
+        zero_stage=2,
+        micro_batch_size=2,
+        lr=1e-3,
+        adam_eps=1e-3,  # near-SGD first step: comparable across data-parallel layouts
+        weight_decay=0.0,
+        lr_schedule="constant",
+        total_steps=10,
+        grad_clip=100.0,
+        beta=0.01,
+        max_new_tokens=64,
+        gradient_checkpointing=True,
+    )
+    return dataclasses.replace(base, **overrides)
+
+
+def group(ray, s: LearnerSettings) -> LearnerGroup:
+    return LearnerGroup(s, [{"num_cpus": 1}] * s.num_ranks)
+
+
+@pytest.fixture(scope="module")
+def experiences(tiny_checkpoint: Path, train_json: Path) -> list[Experience]:
+    tokenizer = load_processor(tiny_checkpoint).tokenizer
+    records = load_records(train_json)
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert end == END
+    out = []
+    for i in range(6):
+        ids = tokenizer.encode(COMPLETIONS[i % 4], add_special_tokens=False) + [end]
+        if i == 5:
+            ids += tokenizer.encode(" ignored after the end", add_special_tokens=False)
+        out.append(Experience(records[i // 2], ids, advantage=[1.0, -1.0, 0.5][i % 3]))
+    return out
+
+
+def test_shard_balances_and_pads(experiences) -> None:
+    shards = shard(experiences[:5], 2)
+    assert [len(s) for s in shards] == [3, 3]
+    assert sum(e.dummy for s in shards for e in s) == 1
+    assert sorted(id(e) for s in shards for e in s if not e.dummy) == sorted(id(e) for e in experiences[:5])
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_ranks_update_like_one(ray_local, tiny_checkpoint, experiences, stage: int) -> None:
+    one = group(ray_local, settings(tiny_checkpoint, num_ranks=1, zero_stage=stage))
+    try:
+        before = dict(one.named_weights())
+        m1 = one.train_step(experiences)
+        after1 = dict(one.named_weights())
+    finally:
+        one.kill()
+    two = group(ray_local, settings(tiny_checkpoint, num_ranks=2, zero_stage=stage))
+    try:
+        m2 = two.train_step(experiences)
+        after2 = dict(two.named_weights())
+    finally:
+        two.kill()
+    assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5, abs=1e-7)
+    assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
+    # tokens after the first end-of-turn do not count
+    counted = sum(e.completion_ids.index(END) + 1 for e in experiences)
+    assert m1["tokens"] == m2["tokens"] == counted < sum(len(e.completion_ids) for e in experiences)
+    moved = max((after1[n] - before[n]).abs().max().item() for n in before)
+    diff = max((after1[n] - after2[n]).abs().max().item() for n in before)
+    assert moved > 1e-4  # the step changed the weights ...
+    assert diff < 1e-6  # ... and both layouts changed them the same way
+    assert m1["kl"] == pytest.approx(0.0, abs=1e-9)  # policy == reference before the step
+
+
+def test_advantage_sign_moves_logprob(ray_local, tiny_checkpoint, experiences) -> None:
+    g = group(ray_local, settings(tiny_checkpoint, beta=0.0, micro_batch_size=4))
+    try:
+        pos = Experience(experiences[0].record, experiences[0].completion_ids, advantage=1.0)
+        neg = Experience(experiences[2].record, experiences[2].completion_ids, advantage=-1.0)
+        before = [sum(lp) for lp in g.compute_logprobs([pos, neg])]
+        metrics = g.train_step([pos, neg])
+        after = [sum(lp) for lp in g.compute_logprobs([pos, neg])]
+        assert metrics["kl"] == 0.0 and metrics["sequences"] == 2
+        assert after[0] > before[0] + 1e-3
+        assert after[1] < before[1] - 1e-3
+    finally:
+        g.kill()
+
+
+def test_saved_checkpoint_reloads_with_the_same_logprobs(ray_local, tiny_checkpoint, experiences, tmp_path) -> None:
+    s = settings(tiny_checkpoint)
+    g = group(ray_local, s)
+    try:
+        g.train_step(experiences)
+        g.train_step(experiences)
+        expected = g.compute_logprobs(experiences[:3])
+        g.save(str(tmp_path / "ckpt"), {"step": 2})
+    finally:
+        g.kill()
+    saved = tmp_path / "ckpt"
+    assert (saved / "model.safetensors").is_file() and (saved / "config.json").is_file()
+    assert (saved / "tokenizer.json").is_file() and (saved / "train_state").is_dir()
+    from safetensors import safe_open
+
+    with safe_open(str(saved / "model.safetensors"), framework="pt") as fh:
+        assert all(k.startswith("thinker.") for k in fh.keys())  # noqa: SIM118
+    reloaded = group(ray_local, settings(saved))
+    try:
+        got = reloaded.compute_logprobs(experiences[:3])
+        for a, b in zip(expected, got, strict=True):
+            assert len(a) == len(b)
+            assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
+        state = reloaded.load_train_state(str(saved))
+        assert state["step"] == 2
+    finally:
+        reloaded.kill()
