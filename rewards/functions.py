@@ -32,7 +32,7 @@ def format_reward(text: object) -> float:
 
 
 def extract_answer(text: object) -> str | None:
-    """The stripped content of the first `<answer>…</answer>`, or None.
+    r"""The stripped content of the first `<answer>…</answer>`, or None.
 
     Same result as the reference's ``<answer>\s*(.*?)\s*</answer>`` (DOTALL) search, in linear
     time: that regex is quadratic on text with many openings and no closing tag.
