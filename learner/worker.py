@@ -28,6 +28,7 @@ from omni.inputs import (
     completion_logprobs,
     encode_prompt,
     load_processor,
+    media_token_ids,
     prepare_prompt,
 )
 from omni.names import to_learner_name, to_vllm_name
@@ -130,9 +131,16 @@ class LearnerWorker:
         tokenizer = self.processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id} - {None})
+        self.media_ids = media_token_ids(tokenizer)
         self.named_params = dict(self.engine.module.named_parameters())
+        import ray
+
+        context = ray.get_runtime_context() if ray.is_initialized() else None
         return {
             "rank": self.rank,
+            "pid": os.getpid(),
+            "node_id": context.get_node_id() if context else "",
+            "gpus": context.get_accelerator_ids().get("GPU", []) if context else [],
             "device": str(self.device),
             "dtype": str(self.dtype),
             "setup_seconds": time.perf_counter() - started,
@@ -275,6 +283,7 @@ class LearnerWorker:
             [e.completion_ids for e in experiences],
             pad_id=self.pad_id,
             eos_ids=self.eos_ids,
+            forbidden_ids=self.media_ids,
         )
         batch = batch.to(self.device, float_dtype=self.dtype)
         batch.completion_mask = batch.completion_mask.float()

@@ -44,6 +44,29 @@ class Prompt:
         }
 
 
+# Placeholders the processor expands into media features: a completion must never contain them
+# (the model's forward would look for media that is not there).
+MEDIA_TOKENS = (
+    "<|AUDIO|>",
+    "<|IMAGE|>",
+    "<|VIDEO|>",
+    "<|audio_bos|>",
+    "<|audio_eos|>",
+    "<|vision_bos|>",
+    "<|vision_eos|>",
+    "<|vision_pad|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+)
+
+
+def media_token_ids(tokenizer: Any) -> list[int]:
+    vocab = tokenizer.get_vocab()
+    return sorted({vocab[t] for t in MEDIA_TOKENS if t in vocab})
+
+
 def load_processor(model_path: str | Path) -> Any:
     """The checkpoint's own processor, from the local folder only (nothing is downloaded)."""
     from transformers import AutoProcessor
@@ -62,11 +85,15 @@ def prepare_prompt(
 ) -> Prompt:
     """Load (or take) the record's media with the run's limits and render the chat text."""
     if image is None:
-        image = avqa.load_image(record.image_path, min_pixels=media.min_pixels, max_pixels=media.max_pixels)
+        image = avqa.load_image(
+            record.image_path, min_pixels=media.min_pixels, max_pixels=media.max_pixels
+        )
     else:
         image = avqa.prepare_image(image, min_pixels=media.min_pixels, max_pixels=media.max_pixels)
     if audio is None:
-        audio = avqa.load_audio(record.audio_path, sample_rate=media.sample_rate, max_seconds=media.max_audio_seconds)
+        audio = avqa.load_audio(
+            record.audio_path, sample_rate=media.sample_rate, max_seconds=media.max_audio_seconds
+        )
     messages = avqa.build_messages(record, image=image, audio=audio, system_prompt=system_prompt)
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return Prompt(record.id, text, image, np.asarray(audio, dtype=np.float32), media.sample_rate)
@@ -144,6 +171,7 @@ def collate(
     *,
     pad_id: int,
     eos_ids: Sequence[int],
+    forbidden_ids: Sequence[int] = (),
 ) -> ModelBatch:
     if len(prompts) != len(completions):
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
@@ -161,6 +189,11 @@ def collate(
         input_ids[row, p_max - p : p_max] = prompt.input_ids
         attention[row, p_max - p : p_max] = 1
         if completion:
+            bad = set(completion).intersection(forbidden_ids)
+            if bad:
+                raise ValueError(
+                    f"completion {row} contains media placeholder token(s) {sorted(bad)}"
+                )
             ids = torch.as_tensor(list(completion), dtype=torch.long)
             mask = torch.as_tensor(completion_mask(completion, eos_ids), dtype=torch.float32)
             input_ids[row, p_max : p_max + ids.numel()] = ids

@@ -64,6 +64,34 @@ def _model_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.trainer import train
+
+    config = load_config(args.config, args.set)
+    summary = train(config, resume=args.resume, stop_after=args.stop_after_steps)
+    run_dir = Path(summary["run_dir"])
+    print(f"run folder:   {run_dir}")
+    print(f"metrics:      {run_dir / 'metrics.jsonl'}")
+    print(f"tensorboard:  tensorboard --logdir {run_dir / 'tensorboard'}")
+    if "checkpoint" in summary:
+        print(f"checkpoint:   {summary['checkpoint']}")
+    if "eval" in summary:
+        print(f"evaluation:   {run_dir / 'eval' / 'final' / 'summary.json'}")
+    return 0
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML run config (keys override the defaults)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one key, e.g. --set grpo.group_size=8 --set learner.lr=1e-5 (repeatable)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="echoink",
@@ -95,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--media", type=int, default=-1, help="decode the media of the first N records (-1: all)")
     check.set_defaults(func=_data_check)
 
+    train = sub.add_parser("train", help="run GRPO training (in a local Ray, or the cluster it finds)")
+    _add_config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
+    train.add_argument(
+        "--stop-after-steps",
+        type=int,
+        metavar="K",
+        help="train K steps in this invocation, checkpoint, and exit (continue later with --resume)",
+    )
+    train.set_defaults(func=_train)
+
     model = sub.add_parser("model", help="checkpoints").add_subparsers(dest="model_command", required=True)
     tiny = model.add_parser("tiny", help="build a tiny random Qwen2.5-Omni checkpoint, offline")
     tiny.add_argument("--out", required=True, type=Path)
@@ -108,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, TimeoutError) as exc:
         print(f"echoink: error: {exc}", file=sys.stderr)
         return 2
 

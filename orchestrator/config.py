@@ -72,6 +72,8 @@ class RolloutConfig(Section):
     enforce_eager: bool = False
     max_num_seqs: int = Field(256, ge=1)
     cpus_per_engine: float = Field(1.0, gt=0.0)
+    kv_cache_mb: float | None = Field(None, gt=0.0, description="fixed KV cache size (default on CPUs: 256)")
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per engine")
 
 
 class LearnerConfig(Section):
@@ -92,6 +94,7 @@ class LearnerConfig(Section):
     freeze_vision_tower: bool = False
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     cpus_per_rank: float = Field(1.0, gt=0.0)
+    resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per rank")
     logprob_chunk: int = Field(1024, ge=1, description="positions per chunk of the log-softmax")
 
 
@@ -173,8 +176,8 @@ class RunConfig(Section):
         """The number of optimizer steps: ``total_steps`` or epochs over the training set."""
         if self.total_steps is not None:
             return self.total_steps
-        per_epoch = max(1, num_train_records // self.grpo.questions_per_step)
-        return max(1, math.ceil(per_epoch * self.epochs))
+        # a last partial batch counts as a step, as in the reference (4,490 questions / 8 = 562)
+        return max(1, math.ceil(num_train_records * self.epochs / self.grpo.questions_per_step))
 
 
 class ConfigError(ValueError):

@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from avqa import MediaError, Record
-from omni.inputs import load_processor, prepare_prompt
+from omni.inputs import load_processor, media_token_ids, prepare_prompt
 from omni.weightsync import BucketSpec, GroupInfo
 from rollout import receive
 from rollout.types import Completion, EngineSettings, RolloutResult, SamplingSettings
@@ -63,6 +63,8 @@ class RolloutEngine:
             kwargs["dtype"] = "float32"  # auto would downcast a float32 checkpoint to bfloat16
         self.llm = vllm.LLM(**kwargs)
         self.processor = load_processor(settings.model_path)
+        # never sample a media placeholder: the learner could not replay such a completion
+        self.logit_bias = {token: -100.0 for token in media_token_ids(self.processor.tokenizer)}
         self.start_seconds = time.perf_counter() - started
         self.calls = 0
         self.weight_version = 0
@@ -111,6 +113,7 @@ class RolloutEngine:
                     seed=seed,
                     ignore_eos=sampling.ignore_eos,
                     skip_special_tokens=True,
+                    logit_bias=self.logit_bias,
                 )
             )
             inputs.append(prompt.vllm_input())
@@ -154,9 +157,14 @@ class RolloutEngine:
 
     # ------------------------------------------------------------------ housekeeping
     def info(self) -> dict[str, Any]:
+        import ray
+
+        context = ray.get_runtime_context() if ray.is_initialized() else None
         return {
             "index": self.index,
             "pid": os.getpid(),
+            "node_id": context.get_node_id() if context else "",
+            "gpus": context.get_accelerator_ids().get("GPU", []) if context else [],
             "start_seconds": self.start_seconds,
             "calls": self.calls,
             "weight_version": self.weight_version,

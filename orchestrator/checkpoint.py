@@ -1,0 +1,103 @@
+"""Run checkpoints: the learner's loadable folder plus the run state, written atomically.
+
+A checkpoint is written under a temporary name, checked, then renamed; a kill at any moment leaves
+the previous checkpoint whole. Only folders with a ``run_state.json`` count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+STEP_RE = re.compile(r"^step-(\d{6,})$")
+RUN_STATE = "run_state.json"
+
+
+def checkpoint_dir(run_dir: Path) -> Path:
+    return run_dir / "checkpoints"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    root = checkpoint_dir(run_dir)
+    if not root.is_dir():
+        return []
+    found = []
+    for item in root.iterdir():
+        match = STEP_RE.match(item.name)
+        if match and (item / RUN_STATE).is_file():
+            found.append((int(match.group(1)), item))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def read_run_state(folder: Path) -> dict[str, Any]:
+    return json.loads((folder / RUN_STATE).read_text(encoding="utf-8"))
+
+
+def save_checkpoint(
+    run_dir: Path,
+    step: int,
+    write_model: Callable[[Path], None],
+    run_state: dict[str, Any],
+    keep_last: int,
+    verify: Callable[[Path], None] | None = None,
+) -> Path:
+    """``write_model(tmp)`` fills a temporary folder; the run state goes last, then the rename."""
+    root = checkpoint_dir(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / step_name(step)
+    tmp = root / f".tmp-{step_name(step)}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    try:
+        write_model(tmp)
+        if verify is not None:
+            verify(tmp)
+        state_tmp = tmp / (RUN_STATE + ".part")
+        state_tmp.write_text(json.dumps(run_state, indent=2, default=str) + "\n", encoding="utf-8")
+        _fsync(state_tmp)
+        os.replace(state_tmp, tmp / RUN_STATE)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    prune(run_dir, keep_last)
+    return final
+
+
+def prune(run_dir: Path, keep_last: int) -> None:
+    found = list_checkpoints(run_dir)
+    for _, folder in found[: max(0, len(found) - keep_last)]:
+        shutil.rmtree(folder, ignore_errors=True)
+    for stale in checkpoint_dir(run_dir).glob(".tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,236 @@
+"""Evaluation that can be trusted: the training prompt, the same answer parsing as the reward, the
+same engines, for any checkpoint; greedy or sampled, with modality ablations.
+
+Outputs: ``results.jsonl`` (one row per question and condition), ``summary.json``, a console table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from avqa import Record, load_audio, load_image
+from orchestrator.evalstats import is_reflective, mean_interval, prediction, wilson_interval
+from rewards import accuracy_reward, format_reward
+from rollout.pool import EnginePool
+from rollout.types import SamplingSettings
+
+CONDITIONS = ("none", "audio", "image", "both")
+GREY = (128, 128, 128)
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    mode: str = "greedy"  # greedy | sampled
+    samples: int = 1
+    max_new_tokens: int = 768
+    temperature: float = 1.0
+    top_p: float = 0.95
+    seed: int = 0
+    ablate: tuple[str, ...] = ("none",)
+    min_pixels: int = 4 * 28 * 28
+    max_pixels: int = 256 * 28 * 28
+    max_audio_seconds: float = 10.0
+    sample_rate: int = 16_000
+
+    @classmethod
+    def from_config(cls, config: Any, **overrides: Any) -> EvalSettings:
+        e, s, m = config.eval, config.sampling, config.media
+        base = cls(
+            mode=e.mode,
+            samples=e.samples if e.mode == "sampled" else 1,
+            max_new_tokens=s.max_new_tokens,
+            temperature=s.temperature,
+            top_p=s.top_p,
+            seed=config.seed,
+            ablate=tuple(e.ablate),
+            min_pixels=m.min_pixels,
+            max_pixels=m.max_pixels,
+            max_audio_seconds=m.max_audio_seconds,
+            sample_rate=m.sample_rate,
+        )
+        return replace(base, **overrides)
+
+    def only_plain(self) -> EvalSettings:
+        return replace(self, ablate=("none",))
+
+    def sampling(self) -> SamplingSettings:
+        if self.mode == "greedy":
+            return SamplingSettings(temperature=0.0, top_p=1.0, max_new_tokens=self.max_new_tokens, seed=self.seed)
+        return SamplingSettings(self.temperature, self.top_p, -1, self.max_new_tokens, seed=self.seed)
+
+
+def ablated_media(record: Record, condition: str, settings: EvalSettings) -> dict[str, Any] | None:
+    """Replacement media: silence of the clip's length, a flat grey image of the image's size.
+
+    Same sizes keep the prompt's token count, so only the content of the medium changes.
+    """
+    if condition == "none":
+        return None
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown ablation {condition!r}; known: {', '.join(CONDITIONS)}")
+    out: dict[str, Any] = {}
+    if condition in ("audio", "both"):
+        clip = load_audio(record.audio_path, sample_rate=settings.sample_rate, max_seconds=settings.max_audio_seconds)
+        out["audio"] = np.zeros_like(clip)
+    if condition in ("image", "both"):
+        image = load_image(record.image_path, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
+        out["image"] = Image.new("RGB", image.size, GREY)
+    return out
+
+
+@dataclass
+class EvalResult:
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    out_dir: Path | None = None
+    per_condition: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def flat_metrics(self) -> dict[str, float]:
+        out = {}
+        for condition, s in self.per_condition.items():
+            prefix = "" if condition == "none" else f"ablate_{condition}/"
+            out[f"{prefix}accuracy"] = s["accuracy"]
+            if condition == "none":
+                out["format_rate"] = s["format_rate"]
+                out["completion_length"] = s["mean_completion_length"]
+                out["accuracy_lenient"] = s["accuracy_lenient"]
+        return out
+
+    def table(self) -> str:
+        lines = [
+            f"{'condition':<10} {'accuracy':>9} {'95% CI':>17} {'lenient':>8} {'format':>7} {'length':>7} {'changed':>8}",
+        ]
+        for condition, s in self.per_condition.items():
+            lo, hi = s["ci95"]
+            changed = s.get("answer_changed_rate")
+            lines.append(
+                f"{condition:<10} {s['accuracy']:>9.3f} {f'[{lo:.3f}, {hi:.3f}]':>17} {s['accuracy_lenient']:>8.3f} "
+                f"{s['format_rate']:>7.3f} {s['mean_completion_length']:>7.1f} "
+                f"{'' if changed is None else f'{changed:.3f}':>8}"
+            )
+        plain = self.per_condition.get("none")
+        if plain is not None:
+            r = plain["reflection"]
+            lines.append(
+                f"questions {plain['questions']} (errors {plain['errors']}), reflective completions "
+                f"{r['rate']:.3f} (accuracy {r['accuracy_reflective']:.3f} vs {r['accuracy_not_reflective']:.3f})"
+            )
+        return "\n".join(lines)
+
+
+def _score(text: str, gold: str) -> dict[str, Any]:
+    return {
+        "prediction": prediction(text),
+        "prediction_lenient": prediction(text, lenient=True),
+        "correct": accuracy_reward(text, gold),
+        "correct_lenient": accuracy_reward(text, gold, lenient=True),
+        "format_ok": format_reward(text),
+        "reflective": is_reflective(text),
+    }
+
+
+def evaluate_records(
+    pool: EnginePool,
+    records: Sequence[Record],
+    settings: EvalSettings,
+    *,
+    out_dir: Path | None = None,
+    checkpoint: str = "",
+    config: dict[str, Any] | None = None,
+) -> EvalResult:
+    started = time.perf_counter()
+    rows: list[dict[str, Any]] = []
+    per_condition: dict[str, dict[str, Any]] = {}
+    baseline: dict[str, str] = {}
+    n = settings.samples if settings.mode == "sampled" else 1
+    sampling = settings.sampling()
+    for condition in settings.ablate:
+        overrides = [ablated_media(r, condition, settings) for r in records] if condition != "none" else None
+        results = pool.generate(records, n, sampling, salt=0, media_overrides=overrides)
+        cond_rows = []
+        for record, result in zip(records, results, strict=True):
+            row: dict[str, Any] = {"id": record.id, "condition": condition, "gold": record.answer}
+            if not result.ok:
+                row.update(error=result.error, correct=0.0, correct_lenient=0.0, format_ok=0.0, prediction="")
+                cond_rows.append(row)
+                continue
+            samples = [{**_score(c.text, record.answer), "completion": c.text, "tokens": len(c.token_ids)} for c in result.completions]
+            first = samples[0]
+            row.update(
+                prediction=first["prediction"],
+                prediction_lenient=first["prediction_lenient"],
+                correct=float(np.mean([s["correct"] for s in samples])),
+                correct_lenient=float(np.mean([s["correct_lenient"] for s in samples])),
+                format_ok=float(np.mean([s["format_ok"] for s in samples])),
+                completion=first["completion"],
+                tokens=float(np.mean([s["tokens"] for s in samples])),
+                reflective=float(np.mean([s["reflective"] for s in samples])),
+            )
+            if n > 1:
+                row["samples"] = samples
+            cond_rows.append(row)
+        if condition == "none":
+            baseline = {r["id"]: r.get("prediction", "") for r in cond_rows}
+        per_condition[condition] = summarise(cond_rows, settings, baseline if condition != "none" else None)
+        rows.extend(cond_rows)
+    summary = {
+        "checkpoint": checkpoint,
+        "mode": settings.mode,
+        "samples": n,
+        "conditions": per_condition,
+        "seconds": time.perf_counter() - started,
+        "settings": settings.__dict__ | {"ablate": list(settings.ablate)},
+        "config": config or {},
+    }
+    if "none" in per_condition:
+        summary.update({k: per_condition["none"][k] for k in ("accuracy", "accuracy_lenient", "format_rate", "mean_completion_length", "questions", "errors", "ci95")})
+    result = EvalResult(rows=rows, summary=summary, out_dir=out_dir, per_condition=per_condition)
+    if out_dir is not None:
+        write_eval(result, out_dir)
+    return result
+
+
+def summarise(rows: Sequence[dict[str, Any]], settings: EvalSettings, baseline: dict[str, str] | None) -> dict[str, Any]:
+    ok = [r for r in rows if "error" not in r]
+    correct = [r["correct"] for r in rows]  # a failed question counts as wrong
+    accuracy = float(np.mean(correct)) if rows else 0.0
+    if settings.mode == "sampled":
+        ci = mean_interval(correct)
+    else:
+        ci = wilson_interval(sum(correct), len(correct))
+    reflective = [r for r in ok if r.get("reflective", 0) >= 0.5]
+    plain = [r for r in ok if r.get("reflective", 0) < 0.5]
+    out: dict[str, Any] = {
+        "questions": len(rows),
+        "errors": len(rows) - len(ok),
+        "accuracy": accuracy,
+        "accuracy_lenient": float(np.mean([r["correct_lenient"] for r in rows])) if rows else 0.0,
+        "ci95": [ci[0], ci[1]],
+        "format_rate": float(np.mean([r["format_ok"] for r in ok])) if ok else 0.0,
+        "mean_completion_length": float(np.mean([r["tokens"] for r in ok])) if ok else 0.0,
+        "reflection": {
+            "rate": len(reflective) / len(ok) if ok else 0.0,
+            "accuracy_reflective": float(np.mean([r["correct"] for r in reflective])) if reflective else 0.0,
+            "accuracy_not_reflective": float(np.mean([r["correct"] for r in plain])) if plain else 0.0,
+        },
+    }
+    if baseline is not None:
+        changed = [r for r in ok if r["id"] in baseline and r["prediction"] != baseline[r["id"]]]
+        out["answer_changed_rate"] = len(changed) / len(ok) if ok else 0.0
+    return out
+
+
+def write_eval(result: EvalResult, out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with open(out_dir / "results.jsonl", "w", encoding="utf-8") as fh:
+        for row in result.rows:
+            fh.write(json.dumps(row) + "\n")
+    (out_dir / "summary.json").write_text(json.dumps(result.summary, indent=2, default=str) + "\n", encoding="utf-8")

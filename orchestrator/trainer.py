@@ -1,0 +1,442 @@
+"""The step loop: sample questions → roll out → reward → advantages → learn → push weights.
+
+One optimizer step per batch (the reference run's semantics); with ``grpo.off_policy`` the rollout
+of step t+1 runs while the learner trains on step t, corrected by importance weights.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+import torch
+
+from avqa import LoadReport, Record, load_records
+from learner.group import LearnerGroup
+from learner.grpo import group_advantages_by_id
+from learner.types import Experience, LearnerSettings
+from omni.inputs import MediaSettings
+from orchestrator import checkpoint as ckpt
+from orchestrator.config import RunConfig, dump_config
+from orchestrator.metrics import MetricsLogger
+from orchestrator.placement import Placement, decide_gpus, plan
+from orchestrator.runtime import connect
+from orchestrator.sampler import QuestionSampler
+from orchestrator.weights import WeightSync
+from rewards import RewardSet
+from rollout.engine import RolloutEngine
+from rollout.pool import EnginePool, PendingRollout
+from rollout.types import EngineSettings, RolloutResult, SamplingSettings
+
+
+def media_settings(config: RunConfig) -> MediaSettings:
+    m = config.media
+    return MediaSettings(m.min_pixels, m.max_pixels, m.max_audio_seconds, m.sample_rate)
+
+
+def sampling_settings(config: RunConfig, seed: int | None) -> SamplingSettings:
+    s = config.sampling
+    return SamplingSettings(s.temperature, s.top_p, s.top_k, s.max_new_tokens, seed=seed)
+
+
+def engine_settings(config: RunConfig, model_path: Path | None = None) -> EngineSettings:
+    r = config.rollout
+    return EngineSettings(
+        model_path=Path(model_path or config.model_path),
+        tensor_parallel_size=r.tensor_parallel_size,
+        max_model_len=r.max_model_len,
+        memory_share=r.memory_share,
+        kv_cache_bytes=int(r.kv_cache_mb * 2**20) if r.kv_cache_mb else None,
+        enforce_eager=r.enforce_eager,
+        max_num_seqs=r.max_num_seqs,
+        seed=config.seed,
+        media=media_settings(config),
+        system_prompt=config.system_prompt,
+    )
+
+
+def learner_settings(config: RunConfig, total_steps: int, model_path: Path | None = None) -> LearnerSettings:
+    lc, g = config.learner, config.grpo
+    return LearnerSettings(
+        model_path=Path(model_path or config.model_path),
+        num_ranks=lc.num_ranks,
+        zero_stage=lc.zero_stage,
+        dtype=lc.dtype,
+        gradient_checkpointing=lc.gradient_checkpointing,
+        micro_batch_size=lc.micro_batch_size,
+        lr=lc.lr,
+        betas=tuple(lc.betas),
+        weight_decay=lc.weight_decay,
+        adam_eps=lc.adam_eps,
+        lr_schedule=lc.lr_schedule,
+        warmup_steps=lc.warmup_steps,
+        min_lr_ratio=lc.min_lr_ratio,
+        total_steps=total_steps,
+        grad_clip=lc.grad_clip,
+        freeze_audio_tower=lc.freeze_audio_tower,
+        freeze_vision_tower=lc.freeze_vision_tower,
+        attn_implementation=lc.attn_implementation,
+        beta=g.beta,
+        kl_estimator=g.kl_estimator,
+        clip_eps=g.clip_eps,
+        loss_agg=g.loss_agg,
+        off_policy=g.off_policy,
+        is_clip=g.is_clip,
+        temperature=config.sampling.temperature,
+        max_new_tokens=config.sampling.max_new_tokens,
+        logprob_chunk=lc.logprob_chunk,
+        seed=config.seed,
+        media=media_settings(config),
+        system_prompt=config.system_prompt,
+    )
+
+
+@dataclass
+class Batch:
+    """One step's questions and what came back for them."""
+
+    step: int
+    indices: list[int]
+    records: list[Record]
+    pending: PendingRollout | None = None
+    results: list[RolloutResult] = field(default_factory=list)
+    rollout_seconds: float = 0.0
+    submitted_at: float = 0.0
+
+
+class Trainer:
+    def __init__(
+        self, config: RunConfig, *, resume: bool = False, console: bool = True, stop_after: int | None = None
+    ) -> None:
+        self.config = config
+        self.stop_after = stop_after
+        self.run_dir = Path(config.output_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.console = console
+        self.resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
+        if resume and self.resume_from is None:
+            self._say(f"--resume: no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}, starting from step 0")
+        self.bad_records: list[dict[str, Any]] = []
+        self.train_records = self._load(config.data.train, "train")
+        self.valid_records = self._load(config.data.valid, "valid") if config.data.valid else []
+        self.total_steps = config.steps_for(len(self.train_records))
+        self.rewards = RewardSet(weights=dict(config.rewards.weights), options={"lenient": config.rewards.lenient})
+        self.sampler = QuestionSampler(len(self.train_records), config.seed, shuffle=config.data.shuffle)
+        self.step = 0
+        self.placement: Placement | None = None
+        self.pool: EnginePool | None = None
+        self.learner: LearnerGroup | None = None
+        self.sync: WeightSync | None = None
+        self.engines: list[Any] = []
+
+    # ------------------------------------------------------------------ setup
+    def _say(self, message: str) -> None:
+        if self.console:
+            print(f"[echoink] {message}", flush=True)
+
+    def _load(self, path: Path, split: str) -> list[Record]:
+        c = self.config.data
+        if not c.skip_bad_records:
+            records = load_records(path, media_root=c.media_root)
+        else:
+            report = LoadReport()
+            records = load_records(path, media_root=c.media_root, report=report)
+            for err in report.errors:
+                self._bad({"split": split, "stage": "load", **err.to_dict(), "error": str(err)})
+            if report.skipped:
+                self._say(f"{split}: skipped {report.skipped} of {report.total} records (see bad_records.jsonl)")
+        if not records:
+            raise ValueError(f"{path}: no usable records in the {split} split")
+        return records
+
+    def _bad(self, entry: dict[str, Any]) -> None:
+        self.bad_records.append(entry)
+        with open(self.run_dir / "bad_records.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(entry, default=str) + "\n")
+
+    def start(self) -> None:
+        c = self.config
+        needed = c.rollout.num_engines * c.rollout.cpus_per_engine + c.learner.num_ranks * c.learner.cpus_per_rank
+        where = connect(c.ray.address, c.ray.num_cpus, needed)
+        use_gpus = decide_gpus(c.ray.use_gpus)
+        self._say(f"Ray: {where}; {'GPUs' if use_gpus else 'CPUs only'}; run folder {self.run_dir}")
+        (self.run_dir / "config.yaml").write_text(dump_config(c), encoding="utf-8")
+        self.placement = plan(
+            use_gpus=use_gpus,
+            engines=c.rollout.num_engines,
+            tensor_parallel_size=c.rollout.tensor_parallel_size,
+            ranks=c.learner.num_ranks,
+            cpus_per_engine=c.rollout.cpus_per_engine,
+            cpus_per_rank=c.learner.cpus_per_rank,
+            engine_resources=c.rollout.resources,
+            learner_resources=c.learner.resources,
+        )
+        started = time.perf_counter()
+        engine_cls = ray.remote(RolloutEngine)
+        settings = engine_settings(c)
+        self.engines = [
+            engine_cls.options(**opts).remote(settings, i) for i, opts in enumerate(self.placement.engine_options)
+        ]
+        learner_model = self.resume_from or c.model_path
+        self.learner = LearnerGroup(learner_settings(c, self.total_steps, learner_model), self.placement.learner_options)
+        engine_info = ray.get([e.info.remote() for e in self.engines])
+        self.pool = EnginePool(self.engines)
+        placement = {"engines": engine_info, "learner_ranks": self.learner.setup_info}
+        (self.run_dir / "placement.json").write_text(json.dumps(placement, indent=2, default=str) + "\n")
+        backend = c.sync.backend if c.sync.backend != "auto" else ("nccl" if use_gpus else "gloo")
+        self.sync = WeightSync(
+            self.learner,
+            self.pool,
+            backend=backend,
+            bucket_bytes=int(c.sync.bucket_mb * 2**20),
+            tensor_parallel_size=c.rollout.tensor_parallel_size,
+            timeout_s=c.sync.timeout_s,
+        )
+        self._say(
+            f"{len(self.engines)} rollout engine(s), {c.learner.num_ranks} learner rank(s) (ZeRO-{c.learner.zero_stage}) "
+            f"up in {time.perf_counter() - started:.0f} s; {self.total_steps} steps of "
+            f"{c.grpo.questions_per_step} questions × {c.grpo.group_size}"
+        )
+        if self.resume_from is not None:
+            state = ckpt.read_run_state(self.resume_from)
+            self.learner.load_train_state(str(self.resume_from))
+            self.sampler.load_state_dict(state["sampler"])
+            self.step = int(state["step"])
+            for name in ("metrics.jsonl", "questions.jsonl"):
+                truncate_jsonl(self.run_dir / name, self.step)  # drop steps done after that checkpoint
+            self._say(f"resumed from {self.resume_from} at step {self.step}")
+
+    # ------------------------------------------------------------------ the loop
+    def _submit(self, step: int) -> Batch:
+        assert self.pool is not None
+        indices = self.sampler.next(self.config.grpo.questions_per_step)
+        records = [self.train_records[i] for i in indices]
+        batch = Batch(step=step, indices=indices, records=records, submitted_at=time.perf_counter())
+        batch.pending = self.pool.submit(
+            records,
+            self.config.grpo.group_size,
+            sampling_settings(self.config, seed=self.config.seed),
+            salt=step,
+        )
+        return batch
+
+    def _collect(self, batch: Batch) -> None:
+        assert self.pool is not None and batch.pending is not None
+        batch.results = self.pool.collect(batch.pending)
+        batch.rollout_seconds = time.perf_counter() - batch.submitted_at
+        batch.pending = None
+
+    def _push(self) -> float:
+        assert self.sync is not None
+        return self.sync.push().seconds
+
+    def run(self) -> dict[str, Any]:
+        if self.learner is None:
+            self.start()
+        c = self.config
+        logger = MetricsLogger(self.run_dir, total_steps=self.total_steps, start_step=self.step, console=self.console)
+        last: dict[str, float] = {}
+        end = self.total_steps if self.stop_after is None else min(self.total_steps, self.step + self.stop_after)
+        try:
+            sync_seconds = self._push()  # once at start (and after a resume)
+            pending: Batch | None = None
+            while self.step < end:
+                step = self.step + 1
+                step_started = time.perf_counter()
+                if pending is None:
+                    batch = self._submit(step)
+                    self._collect(batch)
+                else:
+                    batch, pending = pending, None
+                self._record_questions(batch)
+                if c.grpo.off_policy and step < end:
+                    pending = self._submit(step + 1)  # rolls out on the current weights while we learn
+                values = self._learn(batch)
+                if pending is not None:
+                    self._collect(pending)  # engines finish the next rollout before new weights arrive
+                sync_seconds = 0.0
+                if step % c.sync.every == 0 or step == self.total_steps:
+                    sync_seconds = self._push()
+                self.step = step
+                values["timing/weight_sync_s"] = sync_seconds
+                values["timing/step_s"] = time.perf_counter() - step_started
+                values["data/epoch"] = self.sampler.state.epoch + self.sampler.state.position / self.sampler.size
+                values["data/bad_records"] = float(len(self.bad_records))
+                if c.eval.every and step % c.eval.every == 0 and self.valid_records:
+                    values.update(self._evaluate(subset=True))
+                logger.log(step, values)
+                last = values
+                if c.checkpoint.every and step % c.checkpoint.every == 0 and step != end:
+                    self._checkpoint()
+            finished = self.step >= self.total_steps
+            final = self._checkpoint() if (c.checkpoint.at_end or not finished) else None
+            logger.close()
+            summary: dict[str, Any] = {
+                "steps": self.step,
+                "total_steps": self.total_steps,
+                "finished": finished,
+                "run_dir": str(self.run_dir),
+                "last": last,
+            }
+            if final is not None:
+                summary["checkpoint"] = str(final)
+            if not finished:
+                self._say(f"stopped after step {self.step} of {self.total_steps}: continue with --resume")
+            elif c.eval.at_end and self.valid_records:
+                summary["eval"] = self._evaluate(subset=False, final=True)
+            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+            return summary
+        finally:
+            logger.close()
+
+    def _record_questions(self, batch: Batch) -> None:
+        row = {"step": batch.step, "ids": [r.id for r in batch.records], "indices": batch.indices}
+        with open(self.run_dir / "questions.jsonl", "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+
+    def _learn(self, batch: Batch) -> dict[str, float]:
+        assert self.learner is not None
+        c = self.config
+        reward_started = time.perf_counter()
+        experiences: list[Experience] = []
+        group_ids: list[str] = []
+        totals: list[float] = []
+        components: dict[str, list[float]] = {name: [] for name in self.rewards.weights}
+        lengths: list[int] = []
+        truncated = 0
+        reward_errors = 0
+        generated = 0
+        failed = 0
+        for slot, (record, result) in enumerate(zip(batch.records, batch.results, strict=True)):
+            if not result.ok:
+                failed += 1
+                entry = {"split": "train", "stage": "rollout", "step": batch.step, "id": record.id,
+                         "file": record.source_file, "index": record.index, "error": result.error}
+                if not c.data.skip_bad_records:
+                    raise RuntimeError(
+                        f"step {batch.step}: question {record.id!r} ({record.source_file}, record {record.index}) "
+                        f"failed in rollout: {result.error} (set data.skip_bad_records: true to skip such records)"
+                    )
+                self._bad(entry)
+                continue
+            for completion in result.completions:
+                scored = self.rewards.score(completion.text, record)
+                reward_errors += len(scored.errors)
+                totals.append(scored.total)
+                for name, value in scored.components.items():
+                    components[name].append(value)
+                group_ids.append(f"{slot}:{record.id}")
+                lengths.append(len(completion.token_ids))
+                generated += len(completion.token_ids)
+                truncated += completion.finish_reason == "length"
+                experiences.append(Experience(record, completion.token_ids, 0.0, completion.logprobs))
+        if not experiences:
+            raise RuntimeError(f"step {batch.step}: every question of the batch failed in rollout")
+        rewards = torch.tensor(totals, dtype=torch.float64)
+        advantages = group_advantages_by_id(rewards, group_ids, eps=c.grpo.adv_eps)
+        for exp, adv in zip(experiences, advantages.tolist(), strict=True):
+            exp.advantage = float(adv)
+        reward_seconds = time.perf_counter() - reward_started
+        grouped = rewards.view(-1, c.grpo.group_size) if rewards.numel() % c.grpo.group_size == 0 else None
+        metrics = self.learner.train_step(experiences)
+        values: dict[str, float] = {
+            "reward/total": float(rewards.mean()),
+            **{f"reward/{name}": float(np.mean(v)) for name, v in components.items()},
+            "reward/errors": float(reward_errors),
+            "completion_length/mean": float(np.mean(lengths)),
+            "completion_length/max": float(np.max(lengths)),
+            "completion_length/clipped_ratio": truncated / len(lengths),
+            "kl": metrics["kl"],
+            "loss": metrics["loss"],
+            "grad_norm": metrics["grad_norm"],
+            "lr": metrics["lr"],
+            "clip_fraction": metrics["clip_fraction"],
+            "timing/rollout_s": batch.rollout_seconds,
+            "timing/reward_s": reward_seconds,
+            "timing/learn_s": metrics["learn_seconds"],
+            "throughput/rollout_tokens_per_s": generated / max(batch.rollout_seconds, 1e-9),
+            "throughput/learner_tokens_per_s": metrics["input_tokens"] / max(metrics["learn_seconds"], 1e-9),
+            "rollout/failed_questions": float(failed),
+            "learner/nonfinite_loss": metrics["nonfinite_loss"],
+        }
+        if grouped is not None:
+            values["reward/group_std"] = float(grouped.std(dim=1).mean())
+            values["reward/zero_advantage_groups"] = float((grouped.std(dim=1) == 0).float().mean())
+        for key in ("mismatch/token_prob_error", "mismatch/logprob_abs_error", "memory/learner_peak_gb"):
+            if key in metrics:
+                values[key] = metrics[key]
+        return values
+
+    # ------------------------------------------------------------------ checkpoints & eval
+    def _checkpoint(self) -> Path:
+        assert self.learner is not None
+        state = {
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "total_steps": self.total_steps,
+            "config": self.config.model_dump(mode="json"),
+            "time": time.time(),
+        }
+
+        def verify(folder: Path) -> None:
+            if not (folder / "config.json").is_file() or not list(folder.glob("*.safetensors")):
+                raise RuntimeError(f"checkpoint {folder} is incomplete")
+
+        path = ckpt.save_checkpoint(
+            self.run_dir,
+            self.step,
+            lambda tmp: self.learner.save(str(tmp), {"step": self.step}),  # type: ignore[union-attr]
+            state,
+            keep_last=self.config.checkpoint.keep_last,
+            verify=verify,
+        )
+        self._say(f"checkpoint: {path}")
+        return path
+
+    def _evaluate(self, subset: bool, final: bool = False) -> dict[str, float]:
+        from orchestrator.evaluate import EvalSettings, evaluate_records
+
+        assert self.pool is not None
+        c = self.config
+        records = self.valid_records[: c.eval.subset] if subset else self.valid_records
+        settings = EvalSettings.from_config(c)
+        if not final:
+            settings = settings.only_plain()
+        out_dir = self.run_dir / "eval" / (f"step-{self.step:06d}" if not final else "final")
+        result = evaluate_records(self.pool, records, settings, out_dir=out_dir, checkpoint=str(self.run_dir))
+        if final:
+            self._say(result.table())
+        return {f"eval/{k}": v for k, v in result.flat_metrics().items()}
+
+    def shutdown(self) -> None:
+        if self.learner is not None:
+            self.learner.kill()
+        for engine in self.engines:
+            ray.kill(engine)
+        if self.placement is not None:
+            self.placement.remove()
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep the rows of steps up to ``max_step`` (a resumed run rewrites what came after)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= max_step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def train(
+    config: RunConfig, *, resume: bool = False, console: bool = True, stop_after: int | None = None
+) -> dict[str, Any]:
+    trainer = Trainer(config, resume=resume, console=console, stop_after=stop_after)
+    try:
+        trainer.start()
+        return trainer.run()
+    finally:
+        trainer.shutdown()
+
