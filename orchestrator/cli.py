@@ -81,6 +81,52 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from orchestrator.config import load_config
+    from orchestrator.evalrun import run_eval
+
+    config = load_config(args.config, args.set)
+    ablate = [c.strip() for c in args.ablate.split(",")] if args.ablate else None
+    result = run_eval(
+        config,
+        args.checkpoint,
+        split=args.split,
+        mode=args.mode,
+        samples=args.samples,
+        ablate=ablate,
+        limit=args.limit,
+        out_dir=args.out,
+    )
+    print(result.table())
+    print(f"results: {result.out_dir / 'results.jsonl'}")
+    print(f"summary: {result.out_dir / 'summary.json'}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import json
+
+    from orchestrator.evalrun import compare, compare_table
+
+    result = compare(args.a, args.b, condition=args.condition)
+    print(compare_table(result))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"written: {args.json}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from orchestrator.plot import plot_run
+
+    paths = plot_run(
+        args.run_dir, out_dir=args.out, smoothing=args.smooth, width=args.width, height=args.height, dpi=args.dpi
+    )
+    for path in paths:
+        print(path)
+    return 0
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML run config (keys override the defaults)")
     parser.add_argument(
@@ -133,6 +179,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="train K steps in this invocation, checkpoint, and exit (continue later with --resume)",
     )
     train.set_defaults(func=_train)
+
+    ev = sub.add_parser("eval", help="evaluate a checkpoint on a split (greedy or sampled, with ablations)")
+    _add_config_args(ev)
+    ev.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint folder (base or trained)")
+    ev.add_argument("--split", default="valid", choices=["valid", "train"])
+    ev.add_argument("--mode", choices=["greedy", "sampled"], help="default: eval.mode of the config")
+    ev.add_argument("--samples", type=int, help="samples per question in sampled mode (default 8)")
+    ev.add_argument("--ablate", help="conditions, e.g. none,audio,image,both (audio → silence, image → grey)")
+    ev.add_argument("--limit", type=int, help="only the first N questions")
+    ev.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/eval-SPLIT-MODE)")
+    ev.set_defaults(func=_eval)
+
+    cmp_ = sub.add_parser("compare", help="compare two evaluation folders question by question (McNemar)")
+    cmp_.add_argument("a", type=Path)
+    cmp_.add_argument("b", type=Path)
+    cmp_.add_argument("--condition", default="none", help="which ablation condition to compare (default none)")
+    cmp_.add_argument("--json", type=Path, help="also write the comparison as JSON here")
+    cmp_.set_defaults(func=_compare)
+
+    plot = sub.add_parser("plot", help="PNG figures from a run folder's metrics.jsonl")
+    plot.add_argument("run_dir", type=Path)
+    plot.add_argument("--out", type=Path, help="output folder (default RUN_DIR/plots)")
+    plot.add_argument("--smooth", type=int, default=1, help="moving-average window in steps (default 1: none)")
+    plot.add_argument("--width", type=int, default=1200, help="pixels (default 1200)")
+    plot.add_argument("--height", type=int, default=700, help="pixels (default 700)")
+    plot.add_argument("--dpi", type=int, default=100)
+    plot.set_defaults(func=_plot)
 
     model = sub.add_parser("model", help="checkpoints").add_subparsers(dest="model_command", required=True)
     tiny = model.add_parser("tiny", help="build a tiny random Qwen2.5-Omni checkpoint, offline")

@@ -90,8 +90,12 @@ def plan(
         engine_bundle["GPU"] = float(tensor_parallel_size)
         rank_bundle["GPU"] = 1.0
     rollout_pg = placement_group([dict(engine_bundle) for _ in range(engines)], strategy="PACK", name="echoink-rollout")
-    learner_pg = placement_group([dict(rank_bundle) for _ in range(ranks)], strategy="PACK", name="echoink-learner")
-    for name, group in (("rollout", rollout_pg), ("learner", learner_pg)):
+    groups = [("rollout", rollout_pg)]
+    learner_pg = None
+    if ranks:  # evaluation runs engines only
+        learner_pg = placement_group([dict(rank_bundle) for _ in range(ranks)], strategy="PACK", name="echoink-learner")
+        groups.append(("learner", learner_pg))
+    for name, group in groups:
         ready, _ = ray.wait([group.ready()], timeout=timeout_s)
         if not ready:
             raise TimeoutError(
@@ -116,6 +120,6 @@ def plan(
     return Placement(
         use_gpus=use_gpus,
         engine_options=[options(rollout_pg, i, engine_bundle) for i in range(engines)],
-        learner_options=[options(learner_pg, i, rank_bundle) for i in range(ranks)],
-        groups=[rollout_pg, learner_pg],
+        learner_options=[options(learner_pg, i, rank_bundle) for i in range(ranks)] if learner_pg else [],
+        groups=[g for _, g in groups],
     )

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -67,22 +69,33 @@ def test_engines_and_learners_on_different_nodes(tiny_checkpoint, synth_dir, tmp
 
 @pytest.fixture
 def ray_head(tmp_path):
-    """A Ray head started with `ray start`, its dashboard (and job API) on loopback."""
+    """A Ray head of its own (`ray start --block` in a new session), its dashboard and job API on
+    loopback. Stopped by signalling its process group: `ray stop` would stop every Ray here."""
     port, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # Ray 2.60 turns token authentication on for new clusters; clients must say so to send the token
     env["RAY_AUTH_MODE"] = "token"
     temp = Path("/tmp") / f"ray-job-{os.getpid()}"
     start = [
-        str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4",
+        str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4", "--block",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
         "--include-dashboard=true", "--disable-usage-stats",
     ]
-    subprocess.run(start, check=True, capture_output=True, env=env, timeout=180)
+    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         yield f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}", env
     finally:
-        subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True, env=env, timeout=120)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(head.pid, sig)
+            try:
+                head.wait(timeout=60)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        time.sleep(2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(head.pid, signal.SIGKILL)  # stragglers of the group
         shutil.rmtree(temp, ignore_errors=True)
 
 

@@ -1,0 +1,158 @@
+"""`echoink eval` and `echoink compare`: score any checkpoint on a split; compare two evaluations."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from avqa import LoadReport, load_records
+from orchestrator.config import RunConfig
+from orchestrator.evalstats import mcnemar
+from orchestrator.evaluate import CONDITIONS, EvalResult, EvalSettings, evaluate_records
+from orchestrator.placement import decide_gpus, plan
+from orchestrator.runtime import connect
+from rollout.engine import RolloutEngine
+from rollout.pool import EnginePool
+
+
+def run_eval(
+    config: RunConfig,
+    checkpoint: Path,
+    *,
+    split: str = "valid",
+    mode: str | None = None,
+    samples: int | None = None,
+    ablate: list[str] | None = None,
+    limit: int | None = None,
+    out_dir: Path | None = None,
+) -> EvalResult:
+    if not (checkpoint / "config.json").is_file():
+        raise FileNotFoundError(f"{checkpoint}: not a checkpoint folder (no config.json)")
+    path = {"valid": config.data.valid, "train": config.data.train}.get(split)
+    if path is None:
+        raise ValueError(f"no {split!r} split in the config (data.valid / data.train)")
+    report = LoadReport() if config.data.skip_bad_records else None
+    records = load_records(path, media_root=config.data.media_root, report=report)
+    if limit is not None:
+        records = records[:limit]
+    for condition in ablate or []:
+        if condition not in CONDITIONS:
+            raise ValueError(f"--ablate: unknown condition {condition!r}; choose from {', '.join(CONDITIONS)}")
+    overrides: dict[str, Any] = {}
+    if mode is not None:
+        overrides["mode"] = mode
+    if samples is not None:
+        overrides["samples"] = samples
+    if ablate:
+        overrides["ablate"] = tuple(ablate)
+    settings = EvalSettings.from_config(config, **overrides)
+    if settings.mode == "sampled" and samples is None and settings.samples < 2:
+        settings = replace(settings, samples=8)
+    if settings.mode == "greedy":
+        settings = replace(settings, samples=1)
+    out = out_dir or checkpoint / f"eval-{split}-{settings.mode}"
+    c = config
+    connect(c.ray.address, c.ray.num_cpus, c.rollout.num_engines * c.rollout.cpus_per_engine)
+    placement = plan(
+        use_gpus=decide_gpus(c.ray.use_gpus),
+        engines=c.rollout.num_engines,
+        tensor_parallel_size=c.rollout.tensor_parallel_size,
+        ranks=0,
+        cpus_per_engine=c.rollout.cpus_per_engine,
+        cpus_per_rank=c.learner.cpus_per_rank,
+        engine_resources=c.rollout.resources,
+    )
+    from orchestrator.trainer import engine_settings
+
+    engine_cls = ray.remote(RolloutEngine)
+    engines = [
+        engine_cls.options(**opts).remote(engine_settings(c, checkpoint), i)
+        for i, opts in enumerate(placement.engine_options)
+    ]
+    try:
+        result = evaluate_records(
+            EnginePool(engines),
+            records,
+            settings,
+            out_dir=out,
+            checkpoint=str(checkpoint),
+            config=c.model_dump(mode="json"),
+        )
+    finally:
+        for engine in engines:
+            ray.kill(engine)
+        placement.remove()
+    if report is not None and report.skipped:
+        result.summary["skipped_records"] = [e.to_dict() for e in report.errors]
+        (out / "summary.json").write_text(json.dumps(result.summary, indent=2, default=str) + "\n")
+    return result
+
+
+def read_results(folder: Path, condition: str = "none") -> dict[str, dict[str, Any]]:
+    path = folder / "results.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder}: no results.jsonl (an `echoink eval` output folder?)")
+    rows: dict[str, dict[str, Any]] = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: line {n} is not JSON ({exc.msg})") from None
+        if row.get("condition", "none") == condition:
+            rows[str(row["id"])] = row
+    return rows
+
+
+def compare(a: Path, b: Path, condition: str = "none") -> dict[str, Any]:
+    """Per-question wins and losses of B against A and McNemar's paired test."""
+    rows_a, rows_b = read_results(a, condition), read_results(b, condition)
+    shared = sorted(set(rows_a) & set(rows_b))
+    if not shared:
+        raise ValueError(f"{a} and {b} share no question ids")
+    right_a = {q: rows_a[q]["correct"] >= 0.5 for q in shared}
+    right_b = {q: rows_b[q]["correct"] >= 0.5 for q in shared}
+    only_a = [q for q in shared if right_a[q] and not right_b[q]]
+    only_b = [q for q in shared if right_b[q] and not right_a[q]]
+    both = sum(right_a[q] and right_b[q] for q in shared)
+    neither = sum(not right_a[q] and not right_b[q] for q in shared)
+    test = mcnemar(len(only_a), len(only_b))
+    return {
+        "a": str(a),
+        "b": str(b),
+        "questions": len(shared),
+        "only_in_a": len(set(rows_a) - set(rows_b)),
+        "only_in_b": len(set(rows_b) - set(rows_a)),
+        "accuracy_a": sum(right_a.values()) / len(shared),
+        "accuracy_b": sum(right_b.values()) / len(shared),
+        "both_right": both,
+        "both_wrong": neither,
+        "a_right_b_wrong": len(only_a),
+        "a_wrong_b_right": len(only_b),
+        "b_wins": only_b,
+        "b_losses": only_a,
+        "mcnemar": test,
+    }
+
+
+def compare_table(result: dict[str, Any]) -> str:
+    m = result["mcnemar"]
+    return "\n".join(
+        [
+            f"A: {result['a']}",
+            f"B: {result['b']}",
+            f"questions compared: {result['questions']}"
+            + (f" (ignored: {result['only_in_a']} only in A, {result['only_in_b']} only in B)"
+               if result["only_in_a"] or result["only_in_b"] else ""),
+            f"accuracy   A {result['accuracy_a']:.4f}   B {result['accuracy_b']:.4f}   "
+            f"Δ {result['accuracy_b'] - result['accuracy_a']:+.4f}",
+            f"both right {result['both_right']}, both wrong {result['both_wrong']}, "
+            f"B wins {result['a_wrong_b_right']}, B loses {result['a_right_b_wrong']}",
+            f"McNemar: exact p = {m['p_value']:.4g} (chi² {m['statistic']:.3f}, p = {m['p_value_chi2']:.4g})",
+        ]
+    )
