@@ -14,6 +14,24 @@ from omni.inputs import completion_mask
 from omni.weightsync import BucketSpec, GroupInfo
 
 
+class LearnerDied(RuntimeError):
+    """A learner rank's process ended; the group cannot continue this step."""
+
+
+def gather(futures: Sequence[Any], what: str) -> list[Any]:
+    """Every rank's result, failing fast: a dead rank ends the wait at once instead of after the
+    live ranks time out in a collective that can no longer complete."""
+    remaining = list(futures)
+    while remaining:
+        ready, remaining = ray.wait(remaining, num_returns=1)
+        for ref in ready:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayActorError as exc:
+                raise LearnerDied(f"a learner rank died during {what}: {exc}") from exc
+    return ray.get(list(futures))
+
+
 def shard(experiences: Sequence[Experience], ranks: int) -> list[list[Experience]]:
     """Deal completions to ranks by length (longest first, round robin) so ranks and micro-batches
     get similar lengths; pad with zero-weight copies so every rank runs the same micro-batches."""
@@ -40,7 +58,7 @@ class LearnerGroup:
             for rank, opts in enumerate(actor_options)
         ]
         addr, port = ray.get(self.workers[0].address.remote())
-        self.setup_info = ray.get([w.setup.remote(addr, port) for w in self.workers])
+        self.setup_info = gather([w.setup.remote(addr, port) for w in self.workers], "setup")
         self.eos_ids = ray.get(self.workers[0].eos_token_ids.remote())
 
     def _norm(self, experiences: Sequence[Experience]) -> LossNorm:
@@ -53,7 +71,7 @@ class LearnerGroup:
             raise ValueError("train_step needs at least one experience")
         norm = self._norm(experiences)
         shards = shard(experiences, len(self.workers))
-        parts = ray.get([w.train_step.remote(s, norm) for w, s in zip(self.workers, shards, strict=True)])
+        parts = gather([w.train_step.remote(s, norm) for w, s in zip(self.workers, shards, strict=True)], "a train step")
         return combine(parts)
 
     def compute_logprobs(self, experiences: Sequence[Experience], reference: bool = False) -> list[list[float]]:
@@ -72,15 +90,15 @@ class LearnerGroup:
         return [w.send_weights.remote(list(specs)) for w in self.workers]
 
     def named_weights(self, names: Sequence[str] | None = None) -> list[tuple[str, Any]]:
-        parts = ray.get([w.named_weights.remote(names) for w in self.workers])
+        parts = gather([w.named_weights.remote(names) for w in self.workers], "gathering weights")
         return parts[0]
 
     # checkpoints ----------------------------------------------------------------
     def save(self, folder: str, client_state: dict[str, Any] | None = None) -> None:
-        ray.get([w.save.remote(folder, client_state) for w in self.workers])
+        gather([w.save.remote(folder, client_state) for w in self.workers], "a checkpoint")
 
     def load_train_state(self, folder: str) -> dict[str, Any]:
-        return ray.get([w.load_train_state.remote(folder) for w in self.workers])[0]
+        return gather([w.load_train_state.remote(folder) for w in self.workers], "loading the train state")[0]
 
     def kill(self) -> None:
         for w in self.workers:
@@ -105,6 +123,7 @@ def combine(parts: Sequence[dict[str, float]]) -> dict[str, float]:
         "input_tokens": total["input_tokens"],
         "learn_seconds": max(p["learn_seconds"] for p in parts),
         "nonfinite_loss": total["nonfinite_loss"],
+        "skipped": max(p.get("skipped", 0.0) for p in parts),
     }
     if total["mismatch_tokens"] > 0:
         out["mismatch/token_prob_error"] = total["mismatch_sum"] / total["mismatch_tokens"]

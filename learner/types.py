@@ -53,6 +53,7 @@ class LearnerSettings:
     media: MediaSettings = MediaSettings()
     system_prompt: str | None = None
     random_init: bool = False  # benchmarks: random weights from config.json, no checkpoint read
+    collective_timeout_s: float = 1800.0  # a rank stuck in a collective fails after this
 
 
 @dataclass

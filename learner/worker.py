@@ -7,6 +7,7 @@ It also streams its weights to the rollout engines and writes loadable checkpoin
 
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import time
@@ -21,6 +22,7 @@ from learner.export import copy_model_files, write_weights
 from learner.grpo import LossNorm, policy_loss
 from learner.schedule import lr_multiplier
 from learner.types import Experience, LearnerSettings
+from omni.failpoints import failpoint
 from omni.inputs import (
     ModelBatch,
     PromptFeatures,
@@ -31,7 +33,7 @@ from omni.inputs import (
     media_token_ids,
     prepare_prompt,
 )
-from omni.names import to_learner_name, to_vllm_name
+from omni.names import require_safetensors, to_learner_name, to_vllm_name
 from omni.weightsync import (
     BucketSpec,
     GroupInfo,
@@ -90,9 +92,15 @@ class LearnerWorker:
         self.device = torch.device("cuda", 0) if self.cuda else torch.device("cpu")
         if self.cuda:
             torch.cuda.set_device(self.device)
-        deepspeed.init_distributed(dist_backend="nccl" if self.cuda else "gloo", auto_mpi_discovery=False)
+        deepspeed.init_distributed(
+            dist_backend="nccl" if self.cuda else "gloo",
+            auto_mpi_discovery=False,
+            timeout=datetime.timedelta(seconds=self.settings.collective_timeout_s),
+        )
         torch.manual_seed(self.settings.seed)
         s = self.settings
+        if not s.random_init:
+            require_safetensors(s.model_path)
         if s.dtype == "auto":
             self.dtype = torch.bfloat16 if self.cuda else torch.float32
         else:
@@ -214,7 +222,11 @@ class LearnerWorker:
             model = Thinker._from_config(thinker_config, attn_implementation=s.attn_implementation, dtype=self.dtype)
         else:
             model = Thinker.from_pretrained(
-                str(s.model_path), dtype=self.dtype, attn_implementation=s.attn_implementation, local_files_only=True
+                str(s.model_path),
+                dtype=self.dtype,
+                attn_implementation=s.attn_implementation,
+                local_files_only=True,
+                use_safetensors=True,  # never unpickle weights
             )
         model.to(self.device)
         if not trainable:
@@ -227,7 +239,7 @@ class LearnerWorker:
         import deepspeed
         from safetensors import safe_open
 
-        files = _weight_files(self.settings.model_path)
+        files = require_safetensors(self.settings.model_path)
         location: dict[str, Path] = {}
         if self.rank == 0:
             for path in files:
@@ -342,6 +354,8 @@ class LearnerWorker:
                 is_weights=is_weights,
                 norm=norm,
             )
+            if failpoint("learner.loss") == "nan":
+                loss = loss * float("nan")
             if not torch.isfinite(loss):
                 sums["nonfinite_loss"] += 1.0
             # DeepSpeed averages gradients over ranks; the shares already sum to the batch loss
@@ -358,7 +372,9 @@ class LearnerWorker:
                 sums["mismatch_sum"] += float(probs_gap.sum())
                 sums["logp_gap_sum"] += float(((logp.detach() - sampler).abs() * mask).sum())
                 sums["mismatch_tokens"] += tokens
-        self.engine.step()
+        skipped_before = self.engine.skipped_steps
+        self.engine.step()  # DeepSpeed skips the update (and clears the gradients) on a non-finite norm
+        sums["skipped"] = float(self.engine.skipped_steps - skipped_before)
         grad_norm = self.engine.get_global_grad_norm()
         grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         self.steps_done += 1
@@ -476,6 +492,8 @@ class LearnerWorker:
         return {"rank": self.rank, "folder": str(dest)}
 
     def load_train_state(self, folder: str) -> dict[str, Any]:
+        # DeepSpeed unpickles its train state with weights_only=False: load it safely instead
+        self.engine.checkpoint_engine.load = safe_torch_load
         _, client_state = self.engine.load_checkpoint(
             str(Path(folder) / TRAIN_STATE_DIR),
             tag=TRAIN_STATE_TAG,
@@ -488,6 +506,17 @@ class LearnerWorker:
         return self.rank
 
 
+def safe_torch_load(path: str, map_location: Any = None) -> Any:
+    """torch.load with weights_only=True, admitting the three plain-data DeepSpeed types that its
+    optimizer states hold; anything else in the file is refused, not executed."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
+        return torch.load(path, map_location=map_location, weights_only=True)
+
+
 def _numel(param: torch.Tensor) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
@@ -495,14 +524,6 @@ def _numel(param: torch.Tensor) -> int:
 def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
     shape = getattr(param, "ds_shape", None)
     return tuple(shape) if shape is not None else tuple(param.shape)
-
-
-def _weight_files(folder: Path) -> list[Path]:
-    folder = Path(folder)
-    files = sorted(folder.glob("*.safetensors"))
-    if not files:
-        raise FileNotFoundError(f"{folder}: no .safetensors weights (only safetensors are loaded)")
-    return files
 
 
 def _pad_logprobs(rows: Sequence[list[float] | None], shape: torch.Size, device: torch.device) -> torch.Tensor | None:

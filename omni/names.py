@@ -7,6 +7,8 @@ Checkpoints on disk use the vLLM names, so transformers and vLLM load the same f
 
 from __future__ import annotations
 
+from pathlib import Path
+
 THINKER_PREFIX = "thinker."
 # wrappers that frameworks put in front of parameter names (DeepSpeed, DDP, torch.compile)
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
@@ -32,3 +34,20 @@ def to_learner_name(vllm_name: str) -> str:
     if not vllm_name.startswith(THINKER_PREFIX):
         raise ValueError(f"{vllm_name!r} is not a thinker weight (expected the prefix {THINKER_PREFIX!r})")
     return vllm_name[len(THINKER_PREFIX) :]
+
+
+PICKLED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".ckpt")
+
+
+def require_safetensors(folder: str | Path) -> list[Path]:
+    """The checkpoint's safetensors files; a folder that holds only pickled weights is refused
+    (unpickling runs code), as is one with no config."""
+    folder = Path(folder)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder}: not a checkpoint folder (no config.json)")
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLED_SUFFIXES)
+        hint = f" (found pickled weights {pickled}: convert them to safetensors)" if pickled else ""
+        raise FileNotFoundError(f"{folder}: no .safetensors weights; only safetensors are loaded{hint}")
+    return files

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from omni.failpoints import failpoint
+
 STEP_RE = re.compile(r"^step-(\d{6,})$")
 RUN_STATE = "run_state.json"
 
@@ -60,24 +62,30 @@ def save_checkpoint(
     root = checkpoint_dir(run_dir)
     root.mkdir(parents=True, exist_ok=True)
     final = root / step_name(step)
+    if (final / RUN_STATE).is_file():
+        return final  # this step is saved already (a run resumed here and stopped again)
     tmp = root / f".tmp-{step_name(step)}"
     if tmp.exists():
         shutil.rmtree(tmp)
     try:
+        failpoint("checkpoint.start")
         write_model(tmp)
+        failpoint("checkpoint.model_written")
         if verify is not None:
             verify(tmp)
         state_tmp = tmp / (RUN_STATE + ".part")
         state_tmp.write_text(json.dumps(run_state, indent=2, default=str) + "\n", encoding="utf-8")
         _fsync(state_tmp)
         os.replace(state_tmp, tmp / RUN_STATE)
-        if final.exists():
+        failpoint("checkpoint.state_written")
+        if final.exists():  # an incomplete leftover (no run state): never a checkpoint
             shutil.rmtree(final)
         os.replace(tmp, final)
         _fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    failpoint("checkpoint.renamed")
     prune(run_dir, keep_last)
     return final
 

@@ -149,7 +149,8 @@ class RayConfig(Section):
 class FaultConfig(Section):
     max_engine_restarts: int = Field(3, ge=0)
     max_restarts: int = Field(0, ge=0, description="automatic resumes after a learner failure")
-    max_nonfinite_steps: int = Field(3, ge=1)
+    max_nonfinite_steps: int = Field(3, ge=1, description="stop after this many skipped optimizer steps")
+    collective_timeout_s: float = Field(1800.0, gt=0.0, description="a learner collective that waits longer fails")
 
 
 class RunConfig(Section):

@@ -10,6 +10,7 @@ from typing import Any
 import ray
 
 from avqa import LoadReport, load_records
+from omni.names import require_safetensors
 from orchestrator.config import RunConfig
 from orchestrator.evalstats import mcnemar
 from orchestrator.evaluate import CONDITIONS, EvalResult, EvalSettings, evaluate_records
@@ -30,8 +31,7 @@ def run_eval(
     limit: int | None = None,
     out_dir: Path | None = None,
 ) -> EvalResult:
-    if not (checkpoint / "config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a checkpoint folder (no config.json)")
+    require_safetensors(checkpoint)
     path = {"valid": config.data.valid, "train": config.data.train}.get(split)
     if path is None:
         raise ValueError(f"no {split!r} split in the config (data.valid / data.train)")

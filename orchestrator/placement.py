@@ -40,7 +40,7 @@ def actor_env() -> dict[str, str]:
         "HF_HUB_OFFLINE": "1",  # checkpoints are local folders; never reach for a hub
         "VLLM_LOGGING_LEVEL": "ERROR",  # the CPU backend repeats a thread-binding warning per call
     }
-    for key in (*env, "TORCH_EXTENSIONS_DIR", "VLLM_USE_FLASHINFER_SAMPLER", "PYTHONPATH", "CUDA_HOME"):
+    for key in (*env, "TORCH_EXTENSIONS_DIR", "VLLM_USE_FLASHINFER_SAMPLER", "PYTHONPATH", "CUDA_HOME", "ECHOINK_FAILPOINTS"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env

@@ -6,6 +6,7 @@ of step t+1 runs while the learner trains on step t, corrected by importance wei
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ import ray
 import torch
 
 from avqa import LoadReport, Record, load_records
-from learner.group import LearnerGroup
+from learner.group import LearnerDied, LearnerGroup
 from learner.grpo import group_advantages_by_id
 from learner.types import Experience, LearnerSettings
 from omni.inputs import MediaSettings
+from omni.names import require_safetensors
 from orchestrator import checkpoint as ckpt
 from orchestrator.config import RunConfig, dump_config
 from orchestrator.metrics import MetricsLogger
@@ -93,6 +95,7 @@ def learner_settings(config: RunConfig, total_steps: int, model_path: Path | Non
         seed=config.seed,
         media=media_settings(config),
         system_prompt=config.system_prompt,
+        collective_timeout_s=config.faults.collective_timeout_s,
     )
 
 
@@ -121,6 +124,8 @@ class Trainer:
         self.resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
         if resume and self.resume_from is None:
             self._say(f"--resume: no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}, starting from step 0")
+            for name in ("metrics.jsonl", "questions.jsonl"):
+                truncate_jsonl(self.run_dir / name, 0)
         self.bad_records: list[dict[str, Any]] = []
         self.train_records = self._load(config.data.train, "train")
         self.valid_records = self._load(config.data.valid, "valid") if config.data.valid else []
@@ -133,6 +138,9 @@ class Trainer:
         self.learner: LearnerGroup | None = None
         self.sync: WeightSync | None = None
         self.engines: list[Any] = []
+        self.engine_restarts = 0
+        self.skipped_steps = 0
+        self.checkpoint_failures = 0
 
     # ------------------------------------------------------------------ setup
     def _say(self, message: str) -> None:
@@ -161,6 +169,7 @@ class Trainer:
 
     def start(self) -> None:
         c = self.config
+        require_safetensors(c.model_path)  # before anything starts
         needed = c.rollout.num_engines * c.rollout.cpus_per_engine + c.learner.num_ranks * c.learner.cpus_per_rank
         where = connect(c.ray.address, c.ray.num_cpus, needed)
         use_gpus = decide_gpus(c.ray.use_gpus)
@@ -177,11 +186,7 @@ class Trainer:
             learner_resources=c.learner.resources,
         )
         started = time.perf_counter()
-        engine_cls = ray.remote(RolloutEngine)
-        settings = engine_settings(c)
-        self.engines = [
-            engine_cls.options(**opts).remote(settings, i) for i, opts in enumerate(self.placement.engine_options)
-        ]
+        self.engines = [self._new_engine(i) for i in range(len(self.placement.engine_options))]
         learner_model = self.resume_from or c.model_path
         self.learner = LearnerGroup(learner_settings(c, self.total_steps, learner_model), self.placement.learner_options)
         engine_info = ray.get([e.info.remote() for e in self.engines])
@@ -211,6 +216,33 @@ class Trainer:
                 truncate_jsonl(self.run_dir / name, self.step)  # drop steps done after that checkpoint
             self._say(f"resumed from {self.resume_from} at step {self.step}")
 
+    def _new_engine(self, index: int) -> Any:
+        assert self.placement is not None
+        options = self.placement.engine_options[index]
+        return ray.remote(RolloutEngine).options(**options).remote(engine_settings(self.config), index)
+
+    def _restart_engines(self, dead: list[int], why: str) -> None:
+        """Replace dead engines in their placement bundles, rebuild the sync group, push the
+        current weights; a configured limit ends the run instead of looping."""
+        assert self.pool is not None and self.sync is not None
+        limit = self.config.faults.max_engine_restarts
+        self.engine_restarts += len(dead)
+        if self.engine_restarts > limit:
+            raise RuntimeError(
+                f"rollout engine(s) {dead} died ({why}); {self.engine_restarts} engine restarts exceed "
+                f"faults.max_engine_restarts={limit}. The last checkpoint is "
+                f"{ckpt.latest_checkpoint(self.run_dir)}; continue with --resume once the cause is fixed."
+            )
+        self._say(f"rollout engine(s) {dead} died ({why}): restarting ({self.engine_restarts}/{limit})")
+        for index in dead:
+            with contextlib.suppress(Exception):
+                ray.kill(self.pool.engines[index])
+            self.pool.replace(index, self._new_engine(index))
+        self.engines = list(self.pool.engines)
+        ray.get([self.pool.engines[i].ping.remote() for i in dead])
+        self.sync.connect()
+        self.sync.push()
+
     # ------------------------------------------------------------------ the loop
     def _submit(self, step: int) -> Batch:
         assert self.pool is not None
@@ -226,14 +258,39 @@ class Trainer:
         return batch
 
     def _collect(self, batch: Batch) -> None:
+        """The batch's results; questions of an engine that died are generated again (same seeds)
+        on the restarted engine, so none is lost or counted twice."""
         assert self.pool is not None and batch.pending is not None
-        batch.results = self.pool.collect(batch.pending)
+        results, dead = self.pool.collect_partial(batch.pending)
+        while dead:
+            self._restart_engines(dead, f"during the rollout of step {batch.step}")
+            lost = [i for i, r in enumerate(results) if r is None]
+            retry = self.pool.submit(
+                [batch.records[i] for i in lost],
+                self.config.grpo.group_size,
+                sampling_settings(self.config, seed=self.config.seed),
+                salt=batch.step,
+            )
+            part, dead = self.pool.collect_partial(retry)
+            for i, result in zip(lost, part, strict=True):
+                results[i] = result
+        batch.results = [r for r in results if r is not None]
         batch.rollout_seconds = time.perf_counter() - batch.submitted_at
         batch.pending = None
 
     def _push(self) -> float:
-        assert self.sync is not None
-        return self.sync.push().seconds
+        assert self.sync is not None and self.pool is not None
+        started = time.perf_counter()
+        try:
+            self.sync.push()
+        except (ray.exceptions.RayActorError, TimeoutError, RuntimeError) as exc:
+            if isinstance(exc, LearnerDied):
+                raise
+            dead = [i for i, ok in enumerate(self.pool.alive()) if not ok]
+            if not dead:
+                raise
+            self._restart_engines(dead, "during a weight push")
+        return time.perf_counter() - started
 
     def run(self) -> dict[str, Any]:
         if self.learner is None:
@@ -257,6 +314,7 @@ class Trainer:
                 if c.grpo.off_policy and step < end:
                     pending = self._submit(step + 1)  # rolls out on the current weights while we learn
                 values = self._learn(batch)
+                self._check_skipped(values, step)
                 if pending is not None:
                     self._collect(pending)  # engines finish the next rollout before new weights arrive
                 sync_seconds = 0.0
@@ -272,7 +330,14 @@ class Trainer:
                 logger.log(step, values)
                 last = values
                 if c.checkpoint.every and step % c.checkpoint.every == 0 and step != end:
-                    self._checkpoint()
+                    try:
+                        self._checkpoint()
+                    except OSError as exc:  # disk full, quota: the previous checkpoint stays whole
+                        self.checkpoint_failures += 1
+                        logger.note(
+                            f"[echoink] checkpoint at step {step} failed ({exc}); keeping "
+                            f"{ckpt.latest_checkpoint(self.run_dir)}; training continues"
+                        )
             finished = self.step >= self.total_steps
             final = self._checkpoint() if (c.checkpoint.at_end or not finished) else None
             logger.close()
@@ -293,6 +358,21 @@ class Trainer:
             return summary
         finally:
             logger.close()
+
+    def _check_skipped(self, values: dict[str, float], step: int) -> None:
+        if values.get("learner/step_skipped", 0.0) > 0:
+            self.skipped_steps += 1
+            limit = self.config.faults.max_nonfinite_steps
+            self._say(f"step {step}: non-finite loss or gradient norm, optimizer step skipped ({self.skipped_steps}/{limit})")
+            if self.skipped_steps >= limit:
+                raise RuntimeError(
+                    f"{self.skipped_steps} optimizer steps skipped for non-finite loss or gradient norm "
+                    f"(faults.max_nonfinite_steps={limit}); the run stops at step {step}. Lower learner.lr, "
+                    f"check the rewards, or resume from {ckpt.latest_checkpoint(self.run_dir)}."
+                )
+        values["learner/skipped_steps"] = float(self.skipped_steps)
+        values["faults/engine_restarts"] = float(self.engine_restarts)
+        values["faults/checkpoint_failures"] = float(self.checkpoint_failures)
 
     def _record_questions(self, batch: Batch) -> None:
         row = {"step": batch.step, "ids": [r.id for r in batch.records], "indices": batch.indices}
@@ -363,6 +443,8 @@ class Trainer:
             "throughput/learner_tokens_per_s": metrics["input_tokens"] / max(metrics["learn_seconds"], 1e-9),
             "rollout/failed_questions": float(failed),
             "learner/nonfinite_loss": metrics["nonfinite_loss"],
+            "learner/step_skipped": metrics["skipped"],
+            "data/completions": metrics["sequences"],
         }
         if grouped is not None:
             values["reward/group_std"] = float(grouped.std(dim=1).mean())
@@ -433,10 +515,25 @@ def truncate_jsonl(path: Path, max_step: int) -> None:
 def train(
     config: RunConfig, *, resume: bool = False, console: bool = True, stop_after: int | None = None
 ) -> dict[str, Any]:
-    trainer = Trainer(config, resume=resume, console=console, stop_after=stop_after)
-    try:
-        trainer.start()
-        return trainer.run()
-    finally:
-        trainer.shutdown()
-
+    """Run to the end; a learner rank that dies restarts the run from the last checkpoint up to
+    ``faults.max_restarts`` times, else the run stops saying how to resume."""
+    attempt = 0
+    while True:
+        trainer = Trainer(config, resume=resume or attempt > 0, console=console, stop_after=stop_after)
+        try:
+            trainer.start()
+            summary = trainer.run()
+            summary["restarts"] = attempt
+            return summary
+        except LearnerDied as exc:
+            latest = ckpt.latest_checkpoint(Path(config.output_dir))
+            if attempt >= config.faults.max_restarts:
+                raise RuntimeError(
+                    f"{exc}. The run stopped at step {trainer.step}; the last checkpoint is {latest}. "
+                    f"Continue with: echoink train --config <this config> --resume "
+                    f"(or set faults.max_restarts to restart automatically)"
+                ) from exc
+            attempt += 1
+            trainer._say(f"{exc}; restarting from {latest or 'the start'} ({attempt}/{config.faults.max_restarts})")
+        finally:
+            trainer.shutdown()

@@ -37,19 +37,28 @@ class WeightSync:
         self.pool = pool
         self.tp = tensor_parallel_size
         self.timeout_s = timeout_s
+        self.backend = backend
         self.specs: list[BucketSpec] = learner.weight_specs(bucket_bytes)
-        host, port = ray.get(learner.workers[0].address.remote())
+        self.version = 0
+        self.connect()
+
+    def connect(self) -> None:
+        """(Re)build the sync group with every current engine: a restarted engine cannot join a
+        group that already exists, so all members meet again on a fresh port."""
+        host, port = ray.get(self.learner.workers[0].address.remote())
         self.info = GroupInfo(
             host=host,
             port=port,
-            world_size=1 + len(pool.engines) * tensor_parallel_size,
-            backend=backend,
-            timeout_s=timeout_s,
+            world_size=1 + len(self.pool.engines) * self.tp,
+            backend=self.backend,
+            timeout_s=self.timeout_s,
         )
-        joins = [learner.init_weight_sync(self.info)]
-        joins += [engine.init_weight_sync.remote(self.info, engine_ranks(i, self.tp)[0]) for i, engine in enumerate(pool.engines)]
-        _wait(joins, timeout_s, "joining the weight-sync group")
-        self.version = 0
+        joins = [self.learner.init_weight_sync(self.info)]
+        joins += [
+            engine.init_weight_sync.remote(self.info, engine_ranks(i, self.tp)[0])
+            for i, engine in enumerate(self.pool.engines)
+        ]
+        _wait(joins, self.timeout_s, "joining the weight-sync group")
 
     @property
     def tensors(self) -> int:
@@ -74,7 +83,14 @@ class WeightSync:
 
 
 def _wait(futures: list[Any], timeout_s: float, what: str) -> list[Any]:
-    ready, pending = ray.wait(futures, num_returns=len(futures), timeout=timeout_s)
-    if pending:
-        raise TimeoutError(f"{what}: {len(pending)} of {len(futures)} members did not finish within {timeout_s:.0f} s")
+    """All results, failing fast: the first member that raises (or a timeout) ends the wait."""
+    deadline = time.monotonic() + timeout_s
+    remaining = list(futures)
+    while remaining:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"{what}: {len(remaining)} of {len(futures)} members did not finish within {timeout_s:.0f} s")
+        ready, remaining = ray.wait(remaining, num_returns=1, timeout=left)
+        for ref in ready:
+            ray.get(ref)  # raises the member's error now rather than after the others time out
     return ray.get(futures)

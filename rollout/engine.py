@@ -50,7 +50,8 @@ class RolloutEngine:
             "seed": settings.seed + engine_index,
             "dtype": settings.dtype,
             "max_num_seqs": settings.max_num_seqs,
-            "load_format": settings.load_format,
+            # safetensors only: a .bin/.pt checkpoint would be unpickled
+            "load_format": "safetensors" if settings.load_format == "auto" else settings.load_format,
         }
         kv_bytes = settings.kv_cache_bytes
         if kv_bytes is None and self.is_cpu:

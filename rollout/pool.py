@@ -12,6 +12,12 @@ from avqa import Record
 from rollout.types import RolloutResult, SamplingSettings
 
 
+class EngineDied(RuntimeError):
+    def __init__(self, engines: list[int]) -> None:
+        self.engines = engines
+        super().__init__(f"rollout engine(s) {engines} died")
+
+
 @dataclass
 class PendingRollout:
     """Rollouts in flight: one Ray future per engine and where its results go."""
@@ -68,16 +74,41 @@ class EnginePool:
         return PendingRollout(futures, slots, len(records), engines, groups)
 
     def collect(self, pending: PendingRollout) -> list[RolloutResult]:
+        results, dead = self.collect_partial(pending)
+        if dead:
+            raise EngineDied(dead)
+        return [r for r in results if r is not None]
+
+    def collect_partial(self, pending: PendingRollout) -> tuple[list[RolloutResult | None], list[int]]:
+        """Results in input order, ``None`` where the engine died; and the indices of dead engines."""
         out: list[RolloutResult | None] = [None] * pending.size
-        try:
-            parts = ray.get(pending.futures)
-        finally:
-            for engine, idx in zip(pending.engines, pending.slots, strict=True):
+        dead: list[int] = []
+        for future, engine, idx in zip(pending.futures, pending.engines, pending.slots, strict=True):
+            try:
+                part = ray.get(future)
+            except ray.exceptions.RayActorError:
+                dead.append(engine)
+                continue
+            finally:
                 self.load[engine] -= len(idx)
-        for idx, part in zip(pending.slots, parts, strict=True):
             for i, result in zip(idx, part, strict=True):
                 out[i] = result
-        return [r for r in out if r is not None]
+        return out, dead
+
+    def replace(self, index: int, engine: Any) -> None:
+        """Put a restarted engine where a dead one was."""
+        self.engines[index] = engine
+        self.load[index] = 0
+
+    def alive(self, timeout_s: float = 30.0) -> list[bool]:
+        out = []
+        for engine in self.engines:
+            try:
+                ray.get(engine.ping.remote(), timeout=timeout_s)
+                out.append(True)
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                out.append(False)
+        return out
 
     def generate(
         self,

@@ -1,0 +1,244 @@
+"""Faults survived: dead engines and learner ranks, non-finite steps, crashes while checkpointing,
+a full disk, sync timeouts, broken records skipped, unsafe pickles refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_train_e2e_cpu import tiny_config
+
+from avqa import load_records
+from orchestrator.checkpoint import latest_checkpoint, list_checkpoints, read_run_state
+from orchestrator.metrics import read_metrics
+from orchestrator.sampler import QuestionSampler
+from orchestrator.trainer import train
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def expected_ids(train_json: Path, steps: int, per_step: int = 2, seed: int = 0) -> list[tuple[int, list[str]]]:
+    """What an uninterrupted run draws: the seeded sampler over the training records."""
+    records = load_records(train_json)
+    sampler = QuestionSampler(len(records), seed)
+    return [(step, [records[i].id for i in sampler.next(per_step)]) for step in range(1, steps + 1)]
+
+
+def drawn_ids(run: Path) -> list[tuple[int, list[str]]]:
+    rows = [json.loads(line) for line in (run / "questions.jsonl").read_text().splitlines()]
+    return [(r["step"], r["ids"]) for r in rows]
+
+
+def run_in_thread(config, **kwargs):
+    box: dict = {}
+
+    def target() -> None:
+        try:
+            box["summary"] = train(config, console=False, **kwargs)
+        except BaseException as exc:  # handed to the test thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread, box
+
+
+def wait_for_step(run: Path, step: int, thread: threading.Thread, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and thread.is_alive():
+        path = run / "metrics.jsonl"
+        if path.is_file() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines() if line):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the run did not reach step {step}")
+
+
+def test_a_killed_engine_is_restarted_and_no_question_is_lost(ray_local, tiny_checkpoint, synth_dir, tmp_path) -> None:
+    out = tmp_path / "run"
+    config = tiny_config(tiny_checkpoint, synth_dir, out, "total_steps=5", "checkpoint.every=0", "sync.timeout_s=30")
+    thread, box = run_in_thread(config)
+    wait_for_step(out, 2, thread)
+    engine_pid = json.loads((out / "placement.json").read_text())["engines"][0]["pid"]
+    os.kill(engine_pid, signal.SIGKILL)  # as the kernel's OOM killer would
+    thread.join(timeout=600)
+    assert "error" not in box, box.get("error")
+    assert box["summary"]["finished"]
+    assert drawn_ids(out) == expected_ids(synth_dir / "train" / "omni_rl_format_train.json", 5)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+    assert all(r["data/completions"] == 2 * 4 for r in rows)  # every question's G completions, once
+    assert rows[-1]["faults/engine_restarts"] == 1
+
+
+def test_engine_restart_limit_ends_the_run(ray_local, tiny_checkpoint, synth_dir, tmp_path) -> None:
+    out = tmp_path / "run"
+    config = tiny_config(
+        tiny_checkpoint, synth_dir, out, "total_steps=50", "checkpoint.every=0", "faults.max_engine_restarts=0"
+    )
+    thread, box = run_in_thread(config)
+    wait_for_step(out, 1, thread)
+    os.kill(json.loads((out / "placement.json").read_text())["engines"][0]["pid"], signal.SIGKILL)
+    thread.join(timeout=600)
+    assert isinstance(box.get("error"), RuntimeError)
+    assert "exceed faults.max_engine_restarts=0" in str(box["error"]) and "--resume" in str(box["error"])
+
+
+def test_a_killed_learner_rank_resumes_from_the_last_checkpoint(ray_local, tiny_checkpoint, synth_dir, tmp_path) -> None:
+    out = tmp_path / "run"
+    config = tiny_config(
+        tiny_checkpoint, synth_dir, out, "total_steps=5", "checkpoint.every=2", "faults.max_restarts=1",
+        "faults.collective_timeout_s=60",
+    )
+    thread, box = run_in_thread(config)
+    wait_for_step(out, 3, thread)
+    rank1 = json.loads((out / "placement.json").read_text())["learner_ranks"][1]["pid"]
+    os.kill(rank1, signal.SIGKILL)
+    thread.join(timeout=900)
+    assert "error" not in box, box.get("error")
+    summary = box["summary"]
+    assert summary["finished"] and summary["restarts"] == 1
+    assert drawn_ids(out) == expected_ids(synth_dir / "train" / "omni_rl_format_train.json", 5)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4, 5]
+
+
+def test_a_killed_learner_without_restarts_says_how_to_resume(ray_local, tiny_checkpoint, synth_dir, tmp_path) -> None:
+    out = tmp_path / "run"
+    config = tiny_config(tiny_checkpoint, synth_dir, out, "total_steps=50", "checkpoint.every=1")
+    thread, box = run_in_thread(config)
+    wait_for_step(out, 1, thread)
+    os.kill(json.loads((out / "placement.json").read_text())["learner_ranks"][0]["pid"], signal.SIGKILL)
+    thread.join(timeout=900)
+    message = str(box.get("error"))
+    assert "learner rank died" in message and "--resume" in message and "step-00000" in message
+
+
+def test_nonfinite_steps_are_skipped_then_stop_the_run(ray_local, tiny_checkpoint, synth_dir, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "run"
+    # from the 3rd micro-batch on, each rank's loss is NaN (a failpoint inside the learner)
+    monkeypatch.setenv("ECHOINK_FAILPOINTS", "learner.loss@3+=nan")
+    config = tiny_config(
+        tiny_checkpoint, synth_dir, out, "total_steps=20", "checkpoint.every=0", "faults.max_nonfinite_steps=2",
+        "learner.micro_batch_size=4",
+    )
+    with pytest.raises(RuntimeError, match=r"2 optimizer steps skipped for non-finite"):
+        train(config, console=False)
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["learner/step_skipped"] for r in rows] == [0.0, 0.0, 1.0]  # the 2nd skip stops before logging
+    assert rows[-1]["learner/skipped_steps"] == 1 and rows[-1]["learner/nonfinite_loss"] > 0
+    assert rows[1]["grad_norm"] > 0
+
+
+@pytest.mark.parametrize("point", ["checkpoint.model_written", "checkpoint.state_written", "checkpoint.renamed"])
+def test_killed_while_checkpointing_then_resumed(ray_local, tiny_checkpoint, synth_dir, tmp_path, point: str) -> None:
+    """SIGKILL the training process at a point inside the second checkpoint; resume from what is on disk."""
+    out = tmp_path / "run"
+    config = tiny_config(tiny_checkpoint, synth_dir, out, "total_steps=4", "checkpoint.every=2")
+    config_file = tmp_path / "run.yaml"
+    from orchestrator.config import dump_config
+
+    config_file.write_text(dump_config(config))
+    env = {**os.environ, "ECHOINK_FAILPOINTS": f"{point}@2=kill"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.run(
+        [sys.executable, "-m", "orchestrator.cli", "train", "--config", str(config_file)],
+        env=env, capture_output=True, text=True, timeout=900, cwd=REPO,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    latest = latest_checkpoint(out)
+    expected_latest = 4 if point == "checkpoint.renamed" else 2
+    assert latest is not None and read_run_state(latest)["step"] == expected_latest
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(latest))  # loadable
+    summary = train(config, console=False, resume=True)
+    assert summary["finished"] and summary["steps"] == 4
+    assert drawn_ids(out) == expected_ids(synth_dir / "train" / "omni_rl_format_train.json", 4)
+    assert [s for s, _ in list_checkpoints(out)] == [2, 4]
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_disk_full_during_a_checkpoint_keeps_the_previous_one(ray_local, tiny_checkpoint, synth_dir, tmp_path, monkeypatch) -> None:
+    out = tmp_path / "run"
+    monkeypatch.setenv("ECHOINK_FAILPOINTS", "checkpoint.model_written@2=enospc")
+    import omni.failpoints as fp
+
+    fp._hits.clear()
+    config = tiny_config(tiny_checkpoint, synth_dir, out, "total_steps=6", "checkpoint.every=2")
+    summary = train(config, console=False)
+    assert summary["finished"]
+    assert [s for s, _ in list_checkpoints(out)] == [2, 6]  # step 4 failed, 2 kept, 6 written
+    rows = read_metrics(out / "metrics.jsonl")
+    assert rows[-1]["faults/checkpoint_failures"] == 1
+
+
+def test_broken_records_are_skipped_counted_and_listed(ray_local, tiny_checkpoint, synth_dir, tmp_path) -> None:
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir, data)
+    train_json = data / "train" / "omni_rl_format_train.json"
+    raw = json.loads(train_json.read_text())
+    raw[1]["solution"] = "<answer>Z</answer>"  # refused when loading
+    (data / "train" / raw[2]["path"]["audio"]).unlink()  # refused when loading (missing file)
+    (data / "train" / raw[3]["path"]["image"]).write_bytes(b"\xff\xd8\xff broken")  # fails in rollout
+    train_json.write_text(json.dumps(raw))
+    config = tiny_config(tiny_checkpoint, data, tmp_path / "run", "total_steps=12", "grpo.questions_per_step=2",
+                         "checkpoint.every=0", "data.skip_bad_records=true")
+    summary = train(config, console=False)
+    assert summary["finished"]
+    bad = [json.loads(line) for line in (tmp_path / "run" / "bad_records.jsonl").read_text().splitlines()]
+    stages = {(b["stage"], str(b["id"])) for b in bad}
+    assert ("load", str(raw[1]["problem_id"])) in stages and ("load", str(raw[2]["problem_id"])) in stages
+    assert ("rollout", str(raw[3]["problem_id"])) in stages  # 22 usable records, 24 drawn: every one seen
+    rows = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert rows[-1]["data/bad_records"] == len(bad) >= 3
+    without = tiny_config(tiny_checkpoint, data, tmp_path / "strict", "total_steps=12")
+    with pytest.raises(ValueError, match=r"record 1 .*field 'solution'"):
+        train(without, console=False)
+
+
+def test_weight_push_to_a_dead_engine_fails_within_the_timeout(ray_local, tiny_checkpoint) -> None:
+    from test_learner_group_cpu import settings
+
+    from learner.group import LearnerGroup
+    from orchestrator.weights import WeightSync
+    from rollout.engine import RolloutEngine
+    from rollout.pool import EnginePool
+    from rollout.types import EngineSettings
+
+    learner = LearnerGroup(settings(tiny_checkpoint), [{"num_cpus": 1}])
+    engine = ray_local.remote(RolloutEngine).options(num_cpus=1).remote(
+        EngineSettings(model_path=tiny_checkpoint, max_model_len=1024, enforce_eager=True)
+    )
+    try:
+        ray_local.get(engine.ping.remote())  # started (the timeout is for the transport, not start-up)
+        sync = WeightSync(learner, EnginePool([engine]), backend="gloo", bucket_bytes=1 << 20, timeout_s=10)
+        assert sync.push().tensors > 0
+        ray_local.kill(engine)
+        started = time.monotonic()
+        with pytest.raises(Exception, match="(?i)died|timed out|actor"):
+            sync.push()
+        assert time.monotonic() - started < 30
+    finally:
+        learner.kill()
+
+
+def test_unsafe_pickles_in_a_train_state_are_refused(tmp_path) -> None:
+    from learner.worker import safe_torch_load
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'pwned'}",))
+
+    path = tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    path.write_bytes(pickle.dumps({"optimizer_state_dict": Exploit()}))
+    with pytest.raises(pickle.UnpicklingError):
+        safe_torch_load(str(path))
+    assert not (tmp_path / "pwned").exists()
