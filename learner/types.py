@@ -54,6 +54,7 @@ class LearnerSettings:
     system_prompt: str | None = None
     random_init: bool = False  # benchmarks: random weights from config.json, no checkpoint read
     collective_timeout_s: float = 1800.0  # a rank stuck in a collective fails after this
+    train: bool = True  # False: weights only, no optimizer (weight-sync benchmarks)
 
 
 @dataclass

@@ -41,6 +41,7 @@ from omni.weightsync import (
     pack_bucket,
     plan_buckets,
     send_buckets,
+    send_raw,
 )
 
 TRAIN_STATE_DIR = "train_state"
@@ -131,9 +132,14 @@ class LearnerWorker:
                 ),
             )
 
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=[g for g in groups if g["params"]], config=self.ds_config, lr_scheduler=schedule
-        )
+        if s.train:
+            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+                model=model, model_parameters=[g for g in groups if g["params"]], config=self.ds_config, lr_scheduler=schedule
+            )
+        else:  # weights only (sync benchmarks): no optimizer states
+            inference = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "managed_gradient_accumulation")}
+            self.engine, *_ = deepspeed.initialize(model=model, config=inference)
+            self.optimizer = self.scheduler = None
         self.reference = self._build_reference() if s.beta > 0 else None
         self.processor = load_processor(s.model_path)
         tokenizer = self.processor.tokenizer
@@ -453,6 +459,17 @@ class LearnerWorker:
         else:
             for _ in self._gathered(specs):
                 pass
+        if self.cuda:
+            torch.cuda.synchronize()
+        return {"bytes": float(sent), "seconds": time.perf_counter() - started}
+
+    def send_raw(self, sizes: Sequence[int], repeats: int = 1) -> dict[str, float]:
+        """Rank 0: broadcast ready buffers of ``sizes`` bytes (the transport baseline for benchmarks)."""
+        if self.rank != 0 or self.sync is None:
+            return {"bytes": 0.0, "seconds": 0.0}
+        buffers = [torch.empty(size, dtype=torch.uint8, device=self.device) for size in sizes]
+        started = time.perf_counter()
+        sent = send_raw(self.sync, buffers)
         if self.cuda:
             torch.cuda.synchronize()
         return {"bytes": float(sent), "seconds": time.perf_counter() - started}

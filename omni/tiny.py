@@ -27,7 +27,7 @@ from tokenizers import (
     trainers,
 )
 
-__all__ = ["SPECIAL_TOKENS", "TAG_TOKENS", "TinySizes", "build_tiny_checkpoint"]
+__all__ = ["LAYOUTS", "SPECIAL_TOKENS", "TAG_TOKENS", "TinySizes", "build_tiny_checkpoint"]
 
 HEAD_DIM = 64  # the only text head size the vLLM CPU attention kernel is known to accept here
 SAMPLING_RATE = 16_000
@@ -133,7 +133,8 @@ CHAT_TEMPLATE = (
 
 @dataclass(frozen=True)
 class TinySizes:
-    """Layer sizes of the tiny thinker; every attention head is 64 wide (vLLM CPU kernels)."""
+    """Layer sizes of a random Qwen2.5-Omni thinker. The tiny default keeps every text attention
+    head 64 wide (what vLLM's CPU kernels take); larger layouts set their own head size."""
 
     hidden_size: int = 128
     num_hidden_layers: int = 2
@@ -148,11 +149,13 @@ class TinySizes:
     audio_d_model: int = 64
     audio_heads: int = 1
     audio_ffn: int = 128
+    head_dim: int = HEAD_DIM
+    vocab_size: int | None = None  # None: exactly the tokenizer's size; larger pads the tokenizer
 
     def __post_init__(self) -> None:
         _require(
-            self.hidden_size == HEAD_DIM * self.num_attention_heads,
-            "hidden_size / heads must be 64",
+            self.hidden_size == self.head_dim * self.num_attention_heads,
+            f"hidden_size must be heads × head_dim ({self.head_dim})",
         )
         _require(
             self.num_attention_heads % self.num_key_value_heads == 0,
@@ -171,11 +174,6 @@ class TinySizes:
         )
 
     @property
-    def head_dim(self) -> int:
-        """Text attention head size (always 64, checked at construction)."""
-        return self.hidden_size // self.num_attention_heads
-
-    @property
     def mrope_section(self) -> list[int]:
         """Temporal/height/width rotary split; sums to head_dim / 2 like the 7B's [16, 24, 24]."""
         half = self.head_dim // 2
@@ -189,21 +187,48 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(f"TinySizes: {message}")
 
 
+# Named layouts. "7b" is the released Qwen2.5-Omni-7B thinker (ENVIRONMENT.md); "2b" a ~1.5B
+# language model with smaller towers (one-GPU learner benchmarks); "small" a GPU smoke test.
+LAYOUTS: dict[str, TinySizes] = {
+    "tiny": TinySizes(),
+    "small": TinySizes(
+        hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+        intermediate_size=1536, vision_depth=2, vision_hidden=256, vision_heads=4, vision_intermediate=512,
+        audio_layers=2, audio_d_model=256, audio_heads=4, audio_ffn=1024,
+    ),
+    "2b": TinySizes(
+        hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
+        intermediate_size=8960, vision_depth=16, vision_hidden=1024, vision_heads=16,
+        vision_intermediate=2816, audio_layers=16, audio_d_model=1024, audio_heads=16, audio_ffn=4096,
+        head_dim=128, vocab_size=151936,
+    ),
+    "7b": TinySizes(
+        hidden_size=3584, num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+        intermediate_size=18944, vision_depth=32, vision_hidden=1280, vision_heads=16,
+        vision_intermediate=3420, audio_layers=32, audio_d_model=1280, audio_heads=20, audio_ffn=5120,
+        head_dim=128, vocab_size=152064,
+    ),
+}
+
+
 def build_tiny_checkpoint(
-    out_dir: str | Path, *, seed: int = 0, sizes: TinySizes = TinySizes()
+    out_dir: str | Path, *, seed: int = 0, sizes: TinySizes = TinySizes(), weights: bool = True
 ) -> Path:
-    """Write the tiny checkpoint into ``out_dir`` (created if needed) and return its path.
+    """Write the checkpoint into ``out_dir`` (created if needed) and return its path.
 
     The same ``seed`` gives byte-identical weights; the tokenizer and configs do not depend on it.
+    ``weights=False`` writes the folder without weights, for vLLM's ``load_format="dummy"`` and the
+    learner's random initialisation (large layouts on GPUs).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = _save_processor(out)
+    tokenizer = _save_processor(out, pad_to=sizes.vocab_size)
     ids = _token_ids(tokenizer)
     config = _omni_config(sizes, ids, vocab_size=len(tokenizer))
     config.save_pretrained(out)
     _save_generation_config(out, ids)
-    _save_weights(out, config.thinker_config, seed)
+    if weights:
+        _save_weights(out, config.thinker_config, seed)
     return out
 
 
@@ -340,7 +365,22 @@ def _token_ids(tokenizer: Any) -> dict[str, int]:
 # --------------------------------------------------------------------------- processor
 
 
-def _save_processor(out: Path) -> Any:
+def _pad_vocabulary(base: Tokenizer, size: int) -> Tokenizer:
+    """Grow the vocabulary to ``size``: filler tokens no merge produces take the ids after the
+    trained ones, and the added (special) tokens move to the very end, so every id a large-
+    vocabulary model can sample decodes and transformers rebuilds the same ids on load."""
+    data = json.loads(base.to_str())
+    vocab = data["model"]["vocab"]
+    added = sorted(data["added_tokens"], key=lambda t: t["id"])
+    first_added = size - len(added)
+    for token_id in range(len(vocab), first_added):
+        vocab[f"<f{token_id}>"] = token_id
+    for offset, token in enumerate(added):
+        token["id"] = first_added + offset
+    return Tokenizer.from_str(json.dumps(data))
+
+
+def _save_processor(out: Path, pad_to: int | None = None) -> Any:
     """Save tokenizer, feature extractor, image/video processors and chat template; return the tokenizer.
 
     Loading goes through transformers' own loaders so the saved files are exactly what
@@ -350,6 +390,8 @@ def _save_processor(out: Path) -> Any:
     from transformers.models.qwen2_vl import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
 
     base = _train_base_tokenizer()
+    if pad_to is not None and pad_to > base.get_vocab_size():
+        base = _pad_vocabulary(base, pad_to)
     _write_tokenizer_files(base, out)
     pixels = {"shortest_edge": MIN_PIXELS, "longest_edge": MAX_PIXELS}
     vision = {
@@ -470,12 +512,12 @@ def _talker_config(sizes: TinySizes, ids: dict[str, int], vocab_size: int) -> di
         **_media_ids(ids),
         "vocab_size": vocab_size,  # codec vocab; as large as the thinker's so every id is in range
         "embedding_size": sizes.hidden_size,
-        "hidden_size": HEAD_DIM,
-        "intermediate_size": 2 * HEAD_DIM,
+        "hidden_size": sizes.head_dim,
+        "intermediate_size": 2 * sizes.head_dim,
         "num_hidden_layers": 1,
         "num_attention_heads": 1,
         "num_key_value_heads": 1,
-        "head_dim": HEAD_DIM,
+        "head_dim": sizes.head_dim,
         "rope_parameters": {
             "rope_type": "default",
             "rope_theta": 1_000_000.0,

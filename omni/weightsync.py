@@ -193,3 +193,20 @@ def receive_buckets(group: SyncGroup, specs: Sequence[BucketSpec]) -> Iterator[t
         if i + 1 < len(specs):
             ahead = start(i + 1)
         yield from unpack_bucket(spec, flat)
+
+
+def send_raw(group: SyncGroup, buffers: Sequence[torch.Tensor]) -> int:
+    """Rank 0: broadcast ready buffers back to back (the transport's floor, for benchmarks)."""
+    return send_buckets(group, iter(buffers))
+
+
+def receive_raw(group: SyncGroup, sizes: Sequence[int]) -> int:
+    """Engine ranks: receive buffers of ``sizes`` bytes and drop them (the transport's floor)."""
+    buffers = [torch.empty(size, dtype=torch.uint8, device=group.device) for size in sizes]
+    works = [group.broadcast(flat) for flat in buffers]  # all posted at once: nothing but the wire
+    for work in works:
+        work.wait()
+    received = sum(sizes)
+    if group.device.type == "cuda":
+        torch.cuda.synchronize(group.device)
+    return received

@@ -57,10 +57,11 @@ def _data_check(args: argparse.Namespace) -> int:
 
 
 def _model_tiny(args: argparse.Namespace) -> int:
-    from omni.tiny import build_tiny_checkpoint
+    from omni.tiny import LAYOUTS, build_tiny_checkpoint
 
-    out = build_tiny_checkpoint(args.out, seed=args.seed)
-    print(f"tiny Qwen2.5-Omni checkpoint: {out}")
+    out = build_tiny_checkpoint(args.out, seed=args.seed, sizes=LAYOUTS[args.layout], weights=not args.config_only)
+    what = "config-only (random weights at load time)" if args.config_only else "random weights"
+    print(f"Qwen2.5-Omni checkpoint, layout {args.layout}, {what}: {out}")
     return 0
 
 
@@ -208,9 +209,13 @@ def build_parser() -> argparse.ArgumentParser:
     plot.set_defaults(func=_plot)
 
     model = sub.add_parser("model", help="checkpoints").add_subparsers(dest="model_command", required=True)
-    tiny = model.add_parser("tiny", help="build a tiny random Qwen2.5-Omni checkpoint, offline")
+    tiny = model.add_parser("tiny", help="build a random-weight Qwen2.5-Omni checkpoint offline (tiny by default)")
     tiny.add_argument("--out", required=True, type=Path)
     tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--layout", default="tiny", choices=["tiny", "small", "2b", "7b"],
+                      help="tiny (CPU tests), small (GPU smoke), 2b, 7b (the released thinker's layout)")
+    tiny.add_argument("--config-only", action="store_true",
+                      help="no weight file: vLLM load_format=dummy / learner random_init (big layouts)")
     tiny.set_defaults(func=_model_tiny)
     return parser
 

@@ -73,6 +73,7 @@ class RolloutConfig(Section):
     max_num_seqs: int = Field(256, ge=1)
     cpus_per_engine: float = Field(1.0, gt=0.0)
     kv_cache_mb: float | None = Field(None, gt=0.0, description="fixed KV cache size (default on CPUs: 256)")
+    load_format: Literal["auto", "dummy"] = Field("auto", description="dummy: random weights (benchmarks)")
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per engine")
 
 
@@ -95,6 +96,7 @@ class LearnerConfig(Section):
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     cpus_per_rank: float = Field(1.0, gt=0.0)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per rank")
+    random_init: bool = Field(False, description="random weights from config.json (benchmarks; no checkpoint)")
     logprob_chunk: int = Field(1024, ge=1, description="positions per chunk of the log-softmax")
 
 
@@ -141,9 +143,15 @@ class CheckpointConfig(Section):
 
 
 class RayConfig(Section):
-    address: str | None = None  # None: join a cluster if one runs (RAY_ADDRESS / auto), else start a local one
+    address: str | None = None  # None: RAY_ADDRESS if set (ray job submit), else a new local Ray; "auto": `ray start`
     num_cpus: float | None = None  # logical CPUs of a local Ray (None: what the run needs, at least the host's)
     use_gpus: Literal["auto", "yes", "no"] = "auto"
+
+    @field_validator("use_gpus", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, value: Any) -> Any:
+        # YAML reads a bare yes/no as a boolean
+        return {True: "yes", False: "no"}.get(value, value) if isinstance(value, bool) else value
 
 
 class FaultConfig(Section):

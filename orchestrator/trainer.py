@@ -57,6 +57,7 @@ def engine_settings(config: RunConfig, model_path: Path | None = None) -> Engine
         enforce_eager=r.enforce_eager,
         max_num_seqs=r.max_num_seqs,
         seed=config.seed,
+        load_format=r.load_format,
         media=media_settings(config),
         system_prompt=config.system_prompt,
     )
@@ -96,6 +97,7 @@ def learner_settings(config: RunConfig, total_steps: int, model_path: Path | Non
         media=media_settings(config),
         system_prompt=config.system_prompt,
         collective_timeout_s=config.faults.collective_timeout_s,
+        random_init=lc.random_init,
     )
 
 
@@ -169,7 +171,8 @@ class Trainer:
 
     def start(self) -> None:
         c = self.config
-        require_safetensors(c.model_path)  # before anything starts
+        if not (c.learner.random_init and c.rollout.load_format == "dummy"):
+            require_safetensors(c.model_path)  # before anything starts
         needed = c.rollout.num_engines * c.rollout.cpus_per_engine + c.learner.num_ranks * c.learner.cpus_per_rank
         where = connect(c.ray.address, c.ray.num_cpus, needed)
         use_gpus = decide_gpus(c.ray.use_gpus)

@@ -5,6 +5,7 @@ from rewards.functions import (
     extract_answer,
     format_reward,
     predicted_letters,
+    tag_reward,
 )
 from rewards.registry import REWARDS, RewardResult, RewardSet, register_reward
 
@@ -17,4 +18,5 @@ __all__ = [
     "format_reward",
     "predicted_letters",
     "register_reward",
+    "tag_reward",
 ]

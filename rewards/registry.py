@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from avqa.record import Record
-from rewards.functions import accuracy_reward, format_reward
+from rewards.functions import accuracy_reward, format_reward, tag_reward
 
 # A reward takes (completion text, record, options) and returns a float.
 RewardFn = Callable[[str, Record, Mapping[str, object]], float]
@@ -34,6 +34,11 @@ def _accuracy(text: str, record: Record, options: Mapping[str, object]) -> float
 @register_reward("format")
 def _format(text: str, record: Record, options: Mapping[str, object]) -> float:
     return format_reward(text)
+
+
+@register_reward("tags")
+def _tags(text: str, record: Record, options: Mapping[str, object]) -> float:
+    return tag_reward(text)
 
 
 @dataclass(frozen=True)

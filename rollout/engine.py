@@ -27,6 +27,50 @@ def request_seed(base: int, record_id: str, salt: int) -> int:
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
 
 
+def llm_kwargs(settings: EngineSettings, engine_index: int = 0, *, is_cpu: bool) -> dict[str, Any]:
+    """The `vllm.LLM` arguments for an engine (also what benchmarks give a bare `LLM`)."""
+    kwargs: dict[str, Any] = {
+        "model": str(settings.model_path),
+        "tensor_parallel_size": settings.tensor_parallel_size,
+        "max_model_len": settings.max_model_len,
+        "gpu_memory_utilization": settings.memory_share,
+        "limit_mm_per_prompt": {"image": 1, "audio": 1, "video": 0},
+        "enforce_eager": settings.enforce_eager,
+        "seed": settings.seed + engine_index,
+        "dtype": settings.dtype,
+        "max_num_seqs": settings.max_num_seqs,
+        # safetensors only: a .bin/.pt checkpoint would be unpickled
+        "load_format": "safetensors" if settings.load_format == "auto" else settings.load_format,
+    }
+    kv_bytes = settings.kv_cache_bytes
+    if kv_bytes is None and is_cpu:
+        # The CPU backend sizes its cache as a share of one NUMA node minus this process's
+        # memory, which can go negative on a small host: a fixed size is predictable.
+        kv_bytes = CPU_KV_CACHE_BYTES
+    if kv_bytes is not None:
+        kwargs["kv_cache_memory_bytes"] = kv_bytes
+    if is_cpu and settings.dtype == "auto":
+        kwargs["dtype"] = "float32"  # auto would downcast a float32 checkpoint to bfloat16
+    return kwargs
+
+
+def sampling_params(sampling: SamplingSettings, n: int, seed: int | None, logit_bias: dict[int, float]) -> Any:
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        max_tokens=sampling.max_new_tokens,
+        logprobs=0,
+        seed=seed,
+        ignore_eos=sampling.ignore_eos,
+        skip_special_tokens=True,
+        logit_bias=logit_bias,
+    )
+
+
 class RolloutEngine:
     """Owns one vLLM engine for a checkpoint folder and serves `generate` calls."""
 
@@ -40,28 +84,7 @@ class RolloutEngine:
         self.index = engine_index
         self.is_cpu = current_platform.is_cpu()
         started = time.perf_counter()
-        kwargs: dict[str, Any] = {
-            "model": str(settings.model_path),
-            "tensor_parallel_size": settings.tensor_parallel_size,
-            "max_model_len": settings.max_model_len,
-            "gpu_memory_utilization": settings.memory_share,
-            "limit_mm_per_prompt": {"image": 1, "audio": 1, "video": 0},
-            "enforce_eager": settings.enforce_eager,
-            "seed": settings.seed + engine_index,
-            "dtype": settings.dtype,
-            "max_num_seqs": settings.max_num_seqs,
-            # safetensors only: a .bin/.pt checkpoint would be unpickled
-            "load_format": "safetensors" if settings.load_format == "auto" else settings.load_format,
-        }
-        kv_bytes = settings.kv_cache_bytes
-        if kv_bytes is None and self.is_cpu:
-            # The CPU backend sizes its cache as a share of one NUMA node minus this process's
-            # memory, which can go negative on a small host: a fixed size is predictable.
-            kv_bytes = CPU_KV_CACHE_BYTES
-        if kv_bytes is not None:
-            kwargs["kv_cache_memory_bytes"] = kv_bytes
-        if self.is_cpu and settings.dtype == "auto":
-            kwargs["dtype"] = "float32"  # auto would downcast a float32 checkpoint to bfloat16
+        kwargs = llm_kwargs(settings, engine_index, is_cpu=self.is_cpu)
         self.llm = vllm.LLM(**kwargs)
         self.processor = load_processor(settings.model_path)
         # never sample a media placeholder: the learner could not replay such a completion
@@ -82,8 +105,6 @@ class RolloutEngine:
         """``n`` completions per record, in the records' order. A record whose media fail gets a
         result with ``error`` set; the others are served. ``media_overrides`` replace a record's
         image or audio (evaluation ablations)."""
-        from vllm import SamplingParams
-
         self.calls += 1
         salt = self.calls if salt is None else salt
         results: list[RolloutResult] = []
@@ -103,20 +124,7 @@ class RolloutEngine:
                 results.append(RolloutResult(record.id, error=f"{type(exc).__name__}: {exc}"))
                 continue
             seed = None if sampling.seed is None else request_seed(sampling.seed, record.id, salt)
-            params.append(
-                SamplingParams(
-                    n=n,
-                    temperature=sampling.temperature,
-                    top_p=sampling.top_p,
-                    top_k=sampling.top_k,
-                    max_tokens=sampling.max_new_tokens,
-                    logprobs=0,
-                    seed=seed,
-                    ignore_eos=sampling.ignore_eos,
-                    skip_special_tokens=True,
-                    logit_bias=self.logit_bias,
-                )
-            )
+            params.append(sampling_params(sampling, n, seed, self.logit_bias))
             inputs.append(prompt.vllm_input())
             slots.append(len(results))
             results.append(RolloutResult(record.id))
@@ -139,6 +147,10 @@ class RolloutEngine:
         self._reset_caches()
         self.weight_version = version
         return int(counts[0])
+
+    def receive_raw(self, sizes: Sequence[int]) -> int:
+        """Receive and drop raw buffers (the transport baseline for benchmarks)."""
+        return int(self.llm.collective_rpc(receive.drain, args=(list(sizes),))[0])
 
     def load_weights(self, named: Sequence[tuple[str, Any]], version: int) -> int:
         """Load named tensors passed directly (small pushes, tests)."""

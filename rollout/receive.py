@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from omni.weightsync import BucketSpec, GroupInfo, SyncGroup, receive_buckets
+from omni.weightsync import BucketSpec, GroupInfo, SyncGroup, receive_buckets, receive_raw
 
 _GROUP_ATTR = "_echoink_sync_group"
 
@@ -70,3 +70,11 @@ def weights_digest(worker: Any, names: Sequence[str] | None = None) -> dict[str,
         if names is None or name in names:
             out[name] = float(param.detach().float().sum())
     return out
+
+
+def drain(worker: Any, sizes: Sequence[int]) -> int:
+    """Receive raw buffers without loading them: the bare-transport baseline of benchmarks."""
+    group: SyncGroup | None = getattr(worker, _GROUP_ATTR, None)
+    if group is None:
+        raise RuntimeError("this engine has not joined a weight-sync group (init_weight_sync first)")
+    return receive_raw(group, sizes)

@@ -154,3 +154,12 @@ def test_parts_of_a_batch_sum_to_the_whole(agg: str) -> None:
         for i, j in [(0, 1), (1, 3), (3, 4)]
     ]
     assert sum(p.item() for p in parts) == pytest.approx(whole.item(), rel=1e-12)
+
+
+def test_importance_weights_scale_the_policy_term() -> None:
+    logp, ref, adv, mask = batch(5)
+    logp = logp.clone().requires_grad_(True)
+    weights = torch.full_like(logp, 0.5)
+    weighted, _ = policy_loss(logp, logp.detach(), None, adv, mask, beta=0.0, is_weights=weights)
+    plain, _ = policy_loss(logp, logp.detach(), None, adv, mask, beta=0.0)
+    assert weighted.item() == pytest.approx(0.5 * plain.item(), rel=1e-12)

@@ -146,8 +146,9 @@ def test_killed_while_checkpointing_then_resumed(ray_local, tiny_checkpoint, syn
     from orchestrator.config import dump_config
 
     config_file.write_text(dump_config(config))
-    env = {**os.environ, "ECHOINK_FAILPOINTS": f"{point}@2=kill"}
-    env.pop("RAY_ADDRESS", None)
+    # join this session's Ray by its address (not "auto": another Ray may have started since)
+    address = ray_local.get_runtime_context().gcs_address
+    env = {**os.environ, "ECHOINK_FAILPOINTS": f"{point}@2=kill", "RAY_ADDRESS": address}
     proc = subprocess.run(
         [sys.executable, "-m", "orchestrator.cli", "train", "--config", str(config_file)],
         env=env, capture_output=True, text=True, timeout=900, cwd=REPO,

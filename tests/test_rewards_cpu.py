@@ -101,6 +101,13 @@ def test_rewards_never_raise(text) -> None:
     assert result.total == sum(result.components.values()) and not result.errors
 
 
+def test_tag_reward_counts_tags() -> None:
+    from rewards import tag_reward
+
+    assert tag_reward("<think>a</think><answer>B</answer>") == 1.0
+    assert tag_reward("hmm <answer>") == 0.25 and tag_reward("") == 0.0 and tag_reward(None) == 0.0
+
+
 def test_weights_total_and_user_rewards() -> None:
     rewards = RewardSet(weights={"accuracy": 2.0, "format": 0.5})
     result = rewards.score("<think>t</think><answer>C</answer>", record())

@@ -117,7 +117,12 @@ def test_ray_job_submit_runs_training(ray_head, tiny_checkpoint, synth_dir, tmp_
         str(BIN / "ray"), "job", "submit", "--address", dashboard, "--",
         str(BIN / "echoink"), "train", "--config", str(config_file),
     ]
-    proc = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+    for _ in range(30):
+        proc = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
+        # the job agent on the node starts a little after the job API: nothing was submitted yet
+        if proc.returncode == 0 or "No available agent" not in proc.stderr:
+            break
+        time.sleep(2)
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "succeeded" in proc.stdout.lower()
     assert f"run folder:   {out}" in proc.stdout

@@ -1,0 +1,114 @@
+"""Rollout: the framework's rollout phase (engine actor, pool, media loading, rewards) against a
+bare `vllm.LLM.generate` on the same prompts, engine settings and sampling parameters, in the same
+run on the same GPU. Reference step shape: 8 questions × 16 completions × 768 tokens (ignore_eos,
+so every completion has the same length). Target: ≥ 0.95.
+
+    python benchmarks/bench_rollout.py [--layout 7b] [--questions 8] [--group 16] [--tokens 768]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import common  # noqa: E402
+
+
+class BareVLLM:
+    """`vllm.LLM` and nothing else: prompts and media are prepared before the clock starts."""
+
+    def __init__(self, settings, records) -> None:
+        import vllm
+        from vllm.platforms import current_platform
+
+        from omni.inputs import load_processor, media_token_ids, prepare_prompt
+        from rollout.engine import llm_kwargs
+
+        self.llm = vllm.LLM(**llm_kwargs(settings, is_cpu=current_platform.is_cpu()))
+        processor = load_processor(settings.model_path)
+        self.bias = {t: -100.0 for t in media_token_ids(processor.tokenizer)}
+        self.inputs = [prepare_prompt(r, processor, media=settings.media).vllm_input() for r in records]
+
+    def run(self, sampling, n: int) -> tuple[float, int]:
+        from rollout.engine import sampling_params
+
+        params = [sampling_params(sampling, n, 1000 + i, self.bias) for i in range(len(self.inputs))]
+        started = time.perf_counter()
+        outputs = self.llm.generate(self.inputs, params, use_tqdm=False)
+        seconds = time.perf_counter() - started
+        return seconds, sum(len(c.token_ids) for o in outputs for c in o.outputs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--layout", default="7b")
+    parser.add_argument("--questions", type=int, default=8)
+    parser.add_argument("--group", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=768)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--image-size", type=int, default=448)
+    parser.add_argument("--audio-seconds", type=float, default=10.0)
+    parser.add_argument("--cpu", action="store_true", help="check the script on CPUs (not a number)")
+    args = parser.parse_args()
+
+    import ray
+
+    from avqa import load_records
+    from rewards import RewardSet
+    from rollout.engine import RolloutEngine
+    from rollout.pool import EnginePool
+    from rollout.types import EngineSettings, SamplingSettings
+
+    common.start_ray()
+    gpu = 0 if args.cpu else 1
+    folder = common.model_folder(args.layout, weights=args.cpu)
+    data = common.data_folder(args.questions, image_size=args.image_size, audio_seconds=args.audio_seconds)
+    records = load_records(data / "train" / "omni_rl_format_train.json")[: args.questions]
+    settings = EngineSettings(model_path=folder, max_model_len=4096, memory_share=0.85,
+                              load_format="safetensors" if args.cpu else "dummy", dtype="auto")
+    sampling = SamplingSettings(temperature=1.0, top_p=0.95, max_new_tokens=args.tokens, seed=0, ignore_eos=True)
+
+    bare = ray.remote(BareVLLM).options(num_cpus=1, num_gpus=gpu).remote(settings, records)
+    bare_runs = [ray.get(bare.run.remote(sampling, args.group)) for _ in range(args.repeats + 1)][1:]
+    ray.kill(bare)
+    time.sleep(5)  # the GPU memory of the bare engine is released with its process
+
+    engine = ray.remote(RolloutEngine).options(num_cpus=1, num_gpus=gpu).remote(settings)
+    ray.get(engine.ping.remote())
+    pool = EnginePool([engine])
+    rewards = RewardSet()
+
+    def framework() -> tuple[float, int]:
+        started = time.perf_counter()
+        results = pool.generate(records, args.group, sampling)
+        for record, result in zip(records, results, strict=True):
+            for completion in result.completions:
+                rewards.score(completion.text, record)
+        return time.perf_counter() - started, sum(len(c.token_ids) for r in results for c in r.completions)
+
+    framework()  # warm-up
+    ours = [framework() for _ in range(args.repeats)]
+    ray.kill(engine)
+    bare_tps = [tokens / seconds for seconds, tokens in bare_runs]
+    our_tps = [tokens / seconds for seconds, tokens in ours]
+    b, o = common.median(bare_tps), common.median(our_tps)
+    common.report(
+        "rollout",
+        [
+            ("layout / shape", f"{args.layout}; {args.questions} questions × {args.group} × {args.tokens} tokens, "
+                               f"{args.image_size}px images, {args.audio_seconds:g} s audio"),
+            ("bare vllm.LLM.generate", f"{b:,.0f} tokens/s  runs {[round(x) for x in bare_tps]}"),
+            ("framework rollout", f"{o:,.0f} tokens/s  runs {[round(x) for x in our_tps]}"),
+        ],
+        ("framework / bare", o / b),
+        {"bare_tokens_per_s": bare_tps, "framework_tokens_per_s": our_tps},
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,91 @@
+"""Shared pieces of the benchmarks: model folders, data, timing, the printed table."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+
+WORK = Path(os.environ.get("ECHOINK_BENCH_DIR", "/tmp/echoink-bench"))
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (H200: the same chip)
+
+
+def model_folder(layout: str, *, weights: bool = False) -> Path:
+    """A Qwen2.5-Omni folder of ``layout`` (config, tokenizer, processor; weights optional)."""
+    from omni.tiny import LAYOUTS, build_tiny_checkpoint
+
+    folder = WORK / f"{layout}-{'weights' if weights else 'config'}"
+    if not (folder / "config.json").is_file():
+        build_tiny_checkpoint(folder, sizes=LAYOUTS[layout], weights=weights)
+    return folder
+
+
+def data_folder(count: int, *, image_size: int = 448, audio_seconds: float = 10.0) -> Path:
+    from avqa.synth import SynthSpec, synth_dataset
+
+    folder = WORK / f"data-{count}-{image_size}-{audio_seconds:g}"
+    if not (folder / "train" / "omni_rl_format_train.json").is_file():
+        spec = SynthSpec(image_size=image_size, audio_seconds=audio_seconds, shuffle_options=True,
+                         colours=("red", "blue", "green"), tones=("low", "high"))
+        synth_dataset(folder, train=count, val=1, seed=0, spec=spec)
+    return folder
+
+
+def start_ray(gpus: int | None = None) -> None:
+    import ray
+
+    if not ray.is_initialized():
+        # logical CPUs: actors mostly wait on the GPU, so give them more than the cores
+        ray.init(num_cpus=max(os.cpu_count() or 1, 16), num_gpus=gpus, log_to_driver=True, include_dashboard=False, runtime_env={
+            "env_vars": {k: os.environ[k] for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "TOKENIZERS_PARALLELISM",
+                                                     "VLLM_USE_FLASHINFER_SAMPLER", "PYTHONPATH") if k in os.environ}
+        })
+
+
+def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[list[float], Any]:
+    result = None
+    for _ in range(warmup):
+        result = fn()
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - started)
+    return times, result
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def card() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"{torch.cuda.device_count()} × {torch.cuda.get_device_name(0)}"
+    except Exception:
+        pass
+    return "CPU"
+
+
+def report(name: str, rows: list[tuple[str, str]], ratio: tuple[str, float], extra: dict[str, Any]) -> None:
+    """Print the table (ratio last) and write a JSON record next to it."""
+    width = max(len(k) for k, _ in rows + [ratio[:1] + ("",)])
+    print(f"\n== {name} on {card()} ({time.strftime('%Y-%m-%d')})")
+    for key, value in rows:
+        print(f"{key:<{width}}  {value}")
+    print(f"{ratio[0]:<{width}}  {ratio[1]:.3f}")
+    out = Path(os.environ.get("OUT", WORK))
+    out.mkdir(parents=True, exist_ok=True)
+    record = {"benchmark": name, "card": card(), "date": time.strftime("%Y-%m-%d"), "rows": rows,
+              "ratio": {ratio[0]: ratio[1]}, **extra}
+    (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")

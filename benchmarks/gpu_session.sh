@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One device call's work on a GPU machine (the `device` tool), after the wheel kit was staged:
+#   bash benchmarks/gpu_session.sh install smoke sync rollout      (any stages, in order)
+# Stages: install (kit → /tmp/site), smoke (echoink train, ZeRO-2 then ZeRO-3), sync, rollout,
+# learner7b, learner2b, async. Logs and JSON records go to $OUT; a short table is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export OUT=${OUT:-/tmp/echoink-out} PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
+export PYTHONPATH=$PWD:/tmp/site ECHOINK_BENCH_DIR=/tmp/echoink-bench RAY_DEDUP_LOGS=0
+mkdir -p "$OUT"
+PY=python3
+summary=()
+run() {  # name, command...
+  local name=$1; shift
+  local start=$SECONDS
+  "$@" > "$OUT/$name.log" 2>&1
+  local rc=$?
+  summary+=("$(printf '%-12s rc=%-3s %4ss' "$name" "$rc" "$((SECONDS - start))")")
+  grep -E "^(==|[a-zA-Z].*  )" "$OUT/$name.log" | tail -8
+  [ $rc -ne 0 ] && tail -30 "$OUT/$name.log"
+  return 0
+}
+for stage in "$@"; do
+  case $stage in
+    install)
+      run install bash -c 'bash .kit/install.sh && python3 -c "import vllm, ray, deepspeed, transformers, torch; print(\"versions\", vllm.__version__, ray.__version__, deepspeed.__version__, transformers.__version__, torch.__version__, torch.cuda.device_count())"' ;;
+    smoke)
+      $PY -m orchestrator.cli model tiny --layout small --out checkpoints/small-omni > "$OUT/smoke-prep.log" 2>&1
+      $PY -m orchestrator.cli data synth --out data/gpu-synth --train 64 --val 16 --image-size 224 --audio-seconds 4 >> "$OUT/smoke-prep.log" 2>&1
+      run smoke-z2 $PY -m orchestrator.cli train --config configs/gpu_smoke.yaml
+      run smoke-z3 $PY -m orchestrator.cli train --config configs/gpu_smoke.yaml --set learner.zero_stage=3 --set output_dir=runs/gpu-smoke-z3
+      cp runs/gpu-smoke/metrics.jsonl "$OUT/smoke-z2-metrics.jsonl" 2>/dev/null ;;
+    sync) run sync $PY benchmarks/bench_weight_sync.py --layout 7b ;;
+    rollout) run rollout $PY benchmarks/bench_rollout.py --layout 7b ;;
+    learner7b) run learner7b $PY benchmarks/bench_learner.py --layout 7b --ranks 2 ;;
+    learner2b) run learner2b $PY benchmarks/bench_learner.py --layout 2b --ranks 1 ;;
+    async) run async $PY benchmarks/bench_async.py --layout 2b ;;
+    *) echo "unknown stage $stage"; exit 2 ;;
+  esac
+  ray stop --force > /dev/null 2>&1
+done
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sed 's/^/gpu: /'
+printf '%s\n' "${summary[@]}"
