@@ -80,6 +80,11 @@ def ray_head(tmp_path):
         str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4", "--block",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", f"--temp-dir={temp}",
         "--include-dashboard=true", "--disable-usage-stats",
+        # the agents' default ports are fixed: another Ray on this machine (the suite's own) holds them,
+        # and a head whose job agent cannot bind answers every submit with "No available agent"
+        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
+        f"--ray-client-server-port={free_port()}",
     ]
     head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:

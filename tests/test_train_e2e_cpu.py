@@ -120,16 +120,16 @@ def test_resume_draws_the_same_questions(ray_local, tiny_checkpoint, synth_dir, 
     assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2, 3, 4]
 
 
+@register_reward("test_vowel_share")  # registered once per process: both parametrizations share it
+def vowel_share(text, record, options) -> float:
+    letters = [ch for ch in text.lower() if ch.isalpha()]
+    return sum(ch in "aeiou" for ch in letters) / len(letters) if letters else 0.0
+
+
 @pytest.mark.parametrize("off_policy", [False, True], ids=["on-policy", "one-step-off-policy"])
 def test_policy_climbs_a_reward_it_can_reach(ray_local, tiny_checkpoint, synth_dir, tmp_path, off_policy) -> None:
     """Reward: the share of vowels among the completion's letters; GRPO must raise it, on-policy and
     with the rollout of step t+1 overlapping the learning of step t (importance-weighted)."""
-
-    @register_reward("test_vowel_share")
-    def vowel_share(text, record, options) -> float:
-        letters = [ch for ch in text.lower() if ch.isalpha()]
-        return sum(ch in "aeiou" for ch in letters) / len(letters) if letters else 0.0
-
     config = tiny_config(
         tiny_checkpoint,
         synth_dir,
