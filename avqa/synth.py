@@ -45,6 +45,7 @@ class SynthSpec:
     tones: tuple[str, ...] = ("low", "high")
     num_options: int = 4
     shuffle_options: bool = False  # False: every question lists the combinations in one fixed order
+    shape_scale: tuple[float, float] = (0.4, 0.7)  # the shape's side as a share of the image's
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.colours if c not in COLOURS] + [t for t in self.tones if t not in TONES_HZ]
@@ -56,6 +57,13 @@ class SynthSpec:
             raise ValueError(f"num_options must be between 2 and {len(self.colours) * len(self.tones)}")
         if self.image_size < 28 or self.audio_seconds <= 0:
             raise ValueError("image_size must be ≥ 28 pixels and audio_seconds > 0")
+        if not 0 < self.shape_scale[0] <= self.shape_scale[1] <= 1:
+            raise ValueError(f"shape_scale must satisfy 0 < low ≤ high ≤ 1, got {self.shape_scale}")
+
+
+# `make demo`'s data: small media keep a CPU step near a second; a shape filling most of the picture
+# makes the colour cue as easy for a tiny random vision tower as the pitch is for its audio tower
+DEMO_SPEC = SynthSpec(image_size=56, audio_seconds=1.0, shape_scale=(0.8, 1.0))
 
 
 def option_text(colour: str, tone: str) -> str:
@@ -89,13 +97,13 @@ def choose_options(
     return chosen
 
 
-def draw_image(colour: str, size: int, rng: np.random.Generator) -> Image.Image:
+def draw_image(colour: str, size: int, rng: np.random.Generator, scale: tuple[float, float] = (0.4, 0.7)) -> Image.Image:
     base = rng.integers(170, 235, size=3)
     noise = rng.integers(-12, 13, size=(size, size, 3))
     pixels = np.clip(base[None, None, :] + noise, 0, 255).astype(np.uint8)
     img = Image.fromarray(pixels, "RGB")
     draw = ImageDraw.Draw(img)
-    extent = int(size * rng.uniform(0.4, 0.7))
+    extent = max(1, int(size * rng.uniform(*scale)))
     x0 = int(rng.integers(0, size - extent + 1))
     y0 = int(rng.integers(0, size - extent + 1))
     box = (x0, y0, x0 + extent, y0 + extent)
@@ -139,7 +147,7 @@ def synth_split(out_dir: Path, split: str, count: int, *, seed: int, spec: Synth
         options = choose_options(colour, tone, spec, rng)
         gold = LETTERS[options.index((colour, tone))]
         name = f"{split}_{i:06d}"
-        draw_image(colour, spec.image_size, rng).save(split_dir / "images" / f"{name}.jpg", quality=92)
+        draw_image(colour, spec.image_size, rng, spec.shape_scale).save(split_dir / "images" / f"{name}.jpg", quality=92)
         sf.write(split_dir / "audios" / f"{name}.wav", make_tone(tone, spec, rng), spec.sample_rate, subtype="PCM_16")
         records.append(
             {

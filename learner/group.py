@@ -32,16 +32,31 @@ def gather(futures: Sequence[Any], what: str) -> list[Any]:
     return ray.get(list(futures))
 
 
-def shard(experiences: Sequence[Experience], ranks: int) -> list[list[Experience]]:
-    """Deal completions to ranks by length (longest first, round robin) so ranks and micro-batches
-    get similar lengths; pad with zero-weight copies so every rank runs the same micro-batches."""
-    order = sorted(range(len(experiences)), key=lambda i: (-len(experiences[i].completion_ids), i))
+def shard(experiences: Sequence[Experience], ranks: int, keep_prompts: bool = False) -> list[list[Experience]]:
+    """Deal completions to ranks so ranks and micro-batches get similar work; pad with zero-weight
+    copies so every rank runs the same micro-batches.
+
+    By length (longest first, round robin); with ``keep_prompts`` a question's completions stay
+    together, one after another, so a rank computes their shared prompt once (whole questions go
+    to the rank with the fewest sequences so far).
+    """
     shards: list[list[Experience]] = [[] for _ in range(ranks)]
-    for pos, i in enumerate(order):
-        shards[pos % ranks].append(experiences[i])
+    if keep_prompts:
+        questions: dict[str, list[Experience]] = {}
+        for exp in experiences:
+            questions.setdefault(exp.record.id, []).append(exp)
+        tokens = [0] * ranks
+        for members in sorted(questions.values(), key=lambda m: -len(m)):
+            rank = min(range(ranks), key=lambda r: (len(shards[r]), tokens[r]))
+            shards[rank].extend(sorted(members, key=lambda e: -len(e.completion_ids)))
+            tokens[rank] += sum(len(e.completion_ids) for e in members)
+    else:
+        order = sorted(range(len(experiences)), key=lambda i: (-len(experiences[i].completion_ids), i))
+        for pos, i in enumerate(order):
+            shards[pos % ranks].append(experiences[i])
     longest = max(len(s) for s in shards)
     for s in shards:
-        filler = s[0] if s else experiences[0]
+        filler = s[-1] if s else experiences[0]  # the last question's prompt: already in the last micro-batch
         while len(s) < longest:
             s.append(Experience(filler.record, filler.completion_ids, 0.0, filler.sampler_logprobs, dummy=True))
     return shards
@@ -70,7 +85,7 @@ class LearnerGroup:
         if not experiences:
             raise ValueError("train_step needs at least one experience")
         norm = self._norm(experiences)
-        shards = shard(experiences, len(self.workers))
+        shards = shard(experiences, len(self.workers), keep_prompts=self.settings.share_prompts)
         parts = gather([w.train_step.remote(s, norm) for w, s in zip(self.workers, shards, strict=True)], "a train step")
         return combine(parts)
 
@@ -94,8 +109,8 @@ class LearnerGroup:
         return parts[0]
 
     # checkpoints ----------------------------------------------------------------
-    def save(self, folder: str, client_state: dict[str, Any] | None = None) -> None:
-        gather([w.save.remote(folder, client_state) for w in self.workers], "a checkpoint")
+    def save(self, folder: str, client_state: dict[str, Any] | None = None, train_state: bool = True) -> None:
+        gather([w.save.remote(folder, client_state, train_state) for w in self.workers], "a checkpoint")
 
     def load_train_state(self, folder: str) -> dict[str, Any]:
         return gather([w.load_train_state.remote(folder) for w in self.workers], "loading the train state")[0]
@@ -108,13 +123,14 @@ class LearnerGroup:
 def combine(parts: Sequence[dict[str, float]]) -> dict[str, float]:
     """Rank sums → step metrics."""
     total: dict[str, float] = {}
-    for key in ("loss", "tokens", "sequences", "kl_sum", "clip_sum", "input_tokens", "mismatch_sum",
+    for key in ("loss", "logp_sum", "tokens", "sequences", "kl_sum", "clip_sum", "input_tokens", "mismatch_sum",
                 "logp_gap_sum", "mismatch_tokens", "nonfinite_loss"):
         total[key] = sum(p.get(key, 0.0) for p in parts)
     tokens = max(total["tokens"], 1.0)
     out = {
         "loss": total["loss"],
         "kl": total["kl_sum"] / tokens,
+        "logprob_mean": total["logp_sum"] / tokens,  # mean log π of the trained tokens (−NLL)
         "clip_fraction": total["clip_sum"] / tokens,
         "grad_norm": parts[0]["grad_norm"],
         "lr": parts[0]["lr"],

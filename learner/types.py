@@ -39,6 +39,8 @@ class LearnerSettings:
     grad_clip: float = 5.0
     freeze_audio_tower: bool = False
     freeze_vision_tower: bool = False
+    share_prompts: bool = True  # each distinct prompt runs once per micro-batch (see omni.collate_shared)
+    freeze: tuple[str, ...] = ()  # parameter-name prefixes held fixed (e.g. the embeddings)
     attn_implementation: str = "sdpa"
     beta: float = 0.001
     kl_estimator: str = "k3"

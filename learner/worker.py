@@ -11,6 +11,7 @@ import datetime
 import os
 import socket
 import time
+import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from omni.inputs import (
     ModelBatch,
     PromptFeatures,
     collate,
+    collate_shared,
     completion_logprobs,
     encode_prompt,
     load_processor,
@@ -48,6 +50,9 @@ TRAIN_STATE_DIR = "train_state"
 TRAIN_STATE_TAG = "state"
 
 
+# DeepSpeed 0.19 calls the deprecated name on every ZeRO gather; torch warns each time
+warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated", category=FutureWarning)
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("", 0))
@@ -61,6 +66,26 @@ def node_ip() -> str:
         return ray.util.get_node_ip_address()
     except Exception:  # outside Ray
         return "127.0.0.1"
+
+
+def freeze_prefixes(model: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
+    """Hold fixed every parameter whose name starts with one of ``prefixes``; returns how many.
+
+    A prefix that matches nothing is a typo in a config, not a no-op: it fails with the names
+    that do exist at the top of the module tree.
+    """
+    names = [name for name, _ in model.named_parameters()]
+    frozen = 0
+    for prefix in prefixes:
+        hits = [name for name in names if name == prefix or name.startswith(prefix.rstrip(".") + ".")]
+        if not hits:
+            tops = sorted({".".join(n.split(".")[:2]) for n in names})
+            raise ValueError(f"learner.freeze: {prefix!r} matches no parameter; prefixes at hand: {tops}")
+        for name, param in model.named_parameters():
+            if name in hits:
+                param.requires_grad_(False)
+                frozen += param.numel()
+    return frozen
 
 
 class LearnerWorker:
@@ -112,6 +137,7 @@ class LearnerWorker:
             model.audio_tower.requires_grad_(False)
         if s.freeze_vision_tower:
             model.visual.requires_grad_(False)
+        freeze_prefixes(model, s.freeze)
         if s.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -295,14 +321,15 @@ class LearnerWorker:
             out.append(cache[key])
         return out
 
-    def _batch(self, experiences: Sequence[Experience], cache: dict[str, PromptFeatures]) -> ModelBatch:
-        batch = collate(
-            self._features(experiences, cache),
-            [e.completion_ids for e in experiences],
-            pad_id=self.pad_id,
-            eos_ids=self.eos_ids,
-            forbidden_ids=self.media_ids,
-        )
+    def _batch(self, experiences: Sequence[Experience], cache: dict[str, PromptFeatures], grad: bool) -> ModelBatch:
+        prompts = self._features(experiences, cache)
+        completions = [e.completion_ids for e in experiences]
+        common = dict(pad_id=self.pad_id, eos_ids=self.eos_ids, forbidden_ids=self.media_ids)
+        # transformers drops the key/value cache under gradient checkpointing: share only without it
+        if self.settings.share_prompts and not (grad and self.settings.gradient_checkpointing):
+            batch = collate_shared(prompts, [e.record.id for e in experiences], completions, **common)
+        else:
+            batch = collate(prompts, completions, **common)
         batch = batch.to(self.device, float_dtype=self.dtype)
         batch.completion_mask = batch.completion_mask.float()
         return batch
@@ -331,7 +358,7 @@ class LearnerWorker:
         lr = float(self.scheduler.get_last_lr()[0])
         for start in range(0, len(experiences), s.micro_batch_size):
             micro = experiences[start : start + s.micro_batch_size]
-            batch = self._batch(micro, cache)
+            batch = self._batch(micro, cache, grad=True)
             real = torch.tensor([0.0 if e.dummy else 1.0 for e in micro], device=self.device)
             mask = batch.completion_mask * real.unsqueeze(1)
             advantages = torch.tensor([e.advantage for e in micro], device=self.device, dtype=torch.float32)
@@ -369,10 +396,11 @@ class LearnerWorker:
             tokens = float(mask.sum())
             sums["loss"] += float(loss.detach())
             sums["tokens"] += tokens
+            sums["logp_sum"] += float((logp.detach() * mask).sum())
             sums["sequences"] += float(real.sum())
             sums["kl_sum"] += metrics["kl"] * tokens
             sums["clip_sum"] += metrics["clip_fraction"] * tokens
-            sums["input_tokens"] += float((batch.inputs["attention_mask"].sum(dim=1) * real).sum())
+            sums["input_tokens"] += float((batch.input_tokens * real).sum())
             if sampler is not None:
                 probs_gap = (torch.exp(logp.detach()) - torch.exp(sampler)).abs() * mask
                 sums["mismatch_sum"] += float(probs_gap.sum())
@@ -403,7 +431,7 @@ class LearnerWorker:
         out: list[list[float]] = []
         try:
             for start in range(0, len(experiences), self.settings.micro_batch_size):
-                batch = self._batch(experiences[start : start + self.settings.micro_batch_size], cache)
+                batch = self._batch(experiences[start : start + self.settings.micro_batch_size], cache, grad=False)
                 logp = self._logprobs(model, batch)
                 for row in range(logp.shape[0]):
                     n = int(batch.completion_mask[row].sum())
@@ -487,7 +515,7 @@ class LearnerWorker:
         return out
 
     # ------------------------------------------------------------------ checkpoints
-    def save(self, folder: str, client_state: dict[str, Any] | None = None) -> dict[str, Any]:
+    def save(self, folder: str, client_state: dict[str, Any] | None = None, train_state: bool = True) -> dict[str, Any]:
         """Write the loadable model folder (rank 0) and the resumable train state (every rank)."""
         dest = Path(folder)
         specs = self.weight_specs(bucket_bytes=1 << 30)
@@ -503,9 +531,10 @@ class LearnerWorker:
         else:
             for _ in named():
                 pass
-        self.engine.save_checkpoint(
-            str(dest / TRAIN_STATE_DIR), tag=TRAIN_STATE_TAG, client_state=client_state or {}, save_latest=False
-        )
+        if train_state:
+            self.engine.save_checkpoint(
+                str(dest / TRAIN_STATE_DIR), tag=TRAIN_STATE_TAG, client_state=client_state or {}, save_latest=False
+            )
         return {"rank": self.rank, "folder": str(dest)}
 
     def load_train_state(self, folder: str) -> dict[str, Any]:

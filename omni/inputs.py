@@ -147,6 +147,9 @@ class ModelBatch:
     inputs: dict[str, torch.Tensor]  # what the thinker's forward takes
     completion_ids: torch.Tensor  # [B, C]
     completion_mask: torch.Tensor  # [B, C], float
+    # shared prompts (collate_shared): ``inputs`` holds each distinct prompt once, row r of the
+    # completions continues prompt ``prompt_rows[r]``
+    prompt_rows: torch.Tensor | None = None  # [B] long
 
     @property
     def completion_len(self) -> int:
@@ -162,7 +165,22 @@ class ModelBatch:
             {k: move(v) for k, v in self.inputs.items()},
             self.completion_ids.to(device),
             self.completion_mask.to(device),
+            None if self.prompt_rows is None else self.prompt_rows.to(device),
         )
+
+    @property
+    def input_tokens(self) -> torch.Tensor:
+        """Tokens each completion row costs the forward: [B] (a shared prompt counts once, on its first row)."""
+        attended = self.inputs["attention_mask"].sum(dim=1)
+        if self.prompt_rows is None:
+            return attended.float()
+        first = torch.zeros_like(self.prompt_rows, dtype=torch.bool)
+        seen: set[int] = set()
+        for row, prompt in enumerate(self.prompt_rows.tolist()):
+            if prompt not in seen:
+                seen.add(prompt)
+                first[row] = True
+        return attended[self.prompt_rows].float() * first + self.completion_mask.sum(dim=1)
 
 
 def collate(
@@ -189,11 +207,7 @@ def collate(
         input_ids[row, p_max - p : p_max] = prompt.input_ids
         attention[row, p_max - p : p_max] = 1
         if completion:
-            bad = set(completion).intersection(forbidden_ids)
-            if bad:
-                raise ValueError(
-                    f"completion {row} contains media placeholder token(s) {sorted(bad)}"
-                )
+            _check_completion(row, completion, forbidden_ids)
             ids = torch.as_tensor(list(completion), dtype=torch.long)
             mask = torch.as_tensor(completion_mask(completion, eos_ids), dtype=torch.float32)
             input_ids[row, p_max : p_max + ids.numel()] = ids
@@ -201,15 +215,70 @@ def collate(
             attention[row, p_max : p_max + ids.numel()] = mask.long()
             comp_ids[row, : ids.numel()] = ids
             comp_mask[row, : ids.numel()] = mask
-    inputs = {
-        "input_ids": input_ids,
-        "attention_mask": attention,
+    inputs = {"input_ids": input_ids, "attention_mask": attention, **_media_inputs(prompts)}
+    return ModelBatch(inputs, comp_ids, comp_mask)
+
+
+def _media_inputs(prompts: Sequence[PromptFeatures]) -> dict[str, torch.Tensor]:
+    """The prompts' image and audio tensors, concatenated in row order (what the thinker's forward takes)."""
+    return {
         "pixel_values": torch.cat([p.pixel_values for p in prompts], dim=0),
         "image_grid_thw": torch.cat([p.image_grid_thw for p in prompts], dim=0),
         "input_features": torch.cat([p.input_features for p in prompts], dim=0),
         "feature_attention_mask": torch.cat([p.feature_attention_mask for p in prompts], dim=0),
     }
-    return ModelBatch(inputs, comp_ids, comp_mask)
+
+
+def _check_completion(row: int, completion: Sequence[int], forbidden_ids: Sequence[int]) -> None:
+    bad = set(completion).intersection(forbidden_ids)
+    if bad:
+        raise ValueError(f"completion {row} contains media placeholder token(s) {sorted(bad)}")
+
+
+def collate_shared(
+    prompts: Sequence[PromptFeatures],
+    keys: Sequence[str],
+    completions: Sequence[Sequence[int]],
+    *,
+    pad_id: int,
+    eos_ids: Sequence[int],
+    forbidden_ids: Sequence[int] = (),
+) -> ModelBatch:
+    """Like :func:`collate`, but rows with the same prompt ``key`` share one copy of it.
+
+    GRPO scores G completions per question: run as G full sequences, the prompt (and its image and
+    audio encoders) is computed G times. Here each distinct prompt runs once, left-padded, and the
+    completions continue from its key/value cache (:func:`completion_logprobs`).
+    """
+    if not (len(prompts) == len(keys) == len(completions)):
+        raise ValueError(f"{len(prompts)} prompts, {len(keys)} keys, {len(completions)} completions")
+    if not prompts:
+        raise ValueError("empty batch")
+    index: dict[str, int] = {}
+    unique: list[PromptFeatures] = []
+    rows = []
+    for key, prompt in zip(keys, prompts, strict=True):
+        if key not in index:
+            index[key] = len(unique)
+            unique.append(prompt)
+        rows.append(index[key])
+    p_max = max(p.input_ids.numel() for p in unique)
+    input_ids = torch.full((len(unique), p_max), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(unique), p_max), dtype=torch.long)
+    for row, prompt in enumerate(unique):
+        p = prompt.input_ids.numel()
+        input_ids[row, p_max - p :] = prompt.input_ids
+        attention[row, p_max - p :] = 1
+    c_max = max(1, max(len(c) for c in completions))
+    comp_ids = torch.full((len(completions), c_max), pad_id, dtype=torch.long)
+    comp_mask = torch.zeros((len(completions), c_max), dtype=torch.float32)
+    for row, completion in enumerate(completions):
+        if completion:
+            _check_completion(row, completion, forbidden_ids)
+            comp_ids[row, : len(completion)] = torch.as_tensor(list(completion), dtype=torch.long)
+            comp_mask[row, : len(completion)] = torch.as_tensor(completion_mask(completion, eos_ids))
+    inputs = {"input_ids": input_ids, "attention_mask": attention, **_media_inputs(unique)}
+    return ModelBatch(inputs, comp_ids, comp_mask, torch.tensor(rows, dtype=torch.long))
 
 
 class keep_last_positions:
@@ -250,9 +319,12 @@ def completion_logprobs(
     """
     c = batch.completion_len
     head = lm_head if lm_head is not None else model.lm_head
-    with keep_last_positions(head, c + 1):
-        logits = model(**batch.inputs, use_cache=False).logits  # [B, C + 1, V]
-    logits = logits[:, :-1, :]  # position t predicts completion token t
+    if batch.prompt_rows is not None:
+        logits = _shared_prompt_logits(model, batch, head)
+    else:
+        with keep_last_positions(head, c + 1):
+            logits = model(**batch.inputs, use_cache=False).logits  # [B, C + 1, V]
+        logits = logits[:, :-1, :]  # position t predicts completion token t
     out = []
     for start in range(0, c, chunk):
         part = logits[:, start : start + chunk, :].float()
@@ -262,3 +334,41 @@ def completion_logprobs(
         token_logits = part.gather(-1, targets).squeeze(-1)
         out.append(token_logits - torch.logsumexp(part, dim=-1))
     return torch.cat(out, dim=1) * batch.completion_mask
+
+
+def _shared_prompt_logits(model: Any, batch: ModelBatch, head: torch.nn.Module) -> torch.Tensor:
+    """[B, C, V] logits predicting each completion token: the distinct prompts run once, then every
+    completion runs on its prompt's key/value cache (gradients flow back into the prompt pass).
+
+    Positions are given explicitly: the thinker's multimodal rotary positions of a prompt end at
+    its last text token, and completion token t sits t + 1 past it on all three axes.
+    """
+    from transformers import DynamicCache
+
+    thinker = getattr(model, "module", model)
+    inputs = batch.inputs
+    audio_lengths = inputs["feature_attention_mask"].sum(dim=1)
+    positions, _ = thinker.get_rope_index(
+        inputs["input_ids"], inputs["image_grid_thw"], None, inputs["attention_mask"], False, audio_lengths, None
+    )
+    cache = DynamicCache(config=thinker.config.get_text_config())
+    with keep_last_positions(head, 1):
+        first = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True).logits  # [K, 1, V]
+    rows = batch.prompt_rows
+    cache.batch_select_indices(rows)  # K prompts → B rows (indexing keeps the graph)
+    c = batch.completion_len
+    start = positions[:, :, -1].max(dim=0).values[rows] + 1  # [B]: left padding puts the last token last
+    steps = torch.arange(c, device=start.device)
+    completion_positions = (start[:, None] + steps[None, :]).unsqueeze(0).expand(3, -1, -1)
+    attention = torch.cat([inputs["attention_mask"][rows], batch.completion_mask.long()], dim=1)
+    if c == 1:
+        return first[rows]
+    with keep_last_positions(head, c - 1):
+        rest = model(
+            input_ids=batch.completion_ids[:, :-1],
+            attention_mask=attention[:, :-1],
+            position_ids=completion_positions[:, :, :-1],
+            past_key_values=cache,
+            use_cache=True,
+        ).logits  # [B, C - 1, V]: completion token t predicts token t + 1
+    return torch.cat([first[rows], rest], dim=1)

@@ -93,6 +93,15 @@ class LearnerConfig(Section):
     grad_clip: float = Field(5.0, gt=0.0)
     freeze_audio_tower: bool = False
     freeze_vision_tower: bool = False
+    share_prompts: bool = Field(
+        True,
+        description="run each question's prompt (and its image and audio encoders) once for its G completions; "
+        "under gradient checkpointing only the no-grad passes share (transformers drops the cache there)",
+    )
+    freeze: list[str] = Field(
+        default_factory=list,
+        description="parameter-name prefixes held fixed, e.g. [model.embed_tokens, lm_head]; each must match a parameter",
+    )
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
     cpus_per_rank: float = Field(1.0, gt=0.0)
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per rank")
@@ -131,6 +140,11 @@ class EvalConfig(Section):
     every: int = Field(0, ge=0, description="evaluate every N steps on a fixed subset (0: never during training)")
     subset: int = Field(64, ge=1)
     at_end: bool = True
+    at_start: bool = Field(
+        False,
+        description="also evaluate the starting weights on the whole split before step 1 (not on --resume); "
+        "the end of the run then prints the paired before/after comparison",
+    )
     mode: Literal["greedy", "sampled"] = "greedy"
     samples: int = Field(1, ge=1)
     ablate: list[Literal["none", "audio", "image", "both"]] = Field(default_factory=lambda: ["none"])

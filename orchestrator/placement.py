@@ -89,8 +89,11 @@ def plan(
     if use_gpus:
         engine_bundle["GPU"] = float(tensor_parallel_size)
         rank_bundle["GPU"] = 1.0
-    rollout_pg = placement_group([dict(engine_bundle) for _ in range(engines)], strategy="PACK", name="echoink-rollout")
-    groups = [("rollout", rollout_pg)]
+    groups = []
+    rollout_pg = None
+    if engines:  # a warm start runs learner ranks only
+        rollout_pg = placement_group([dict(engine_bundle) for _ in range(engines)], strategy="PACK", name="echoink-rollout")
+        groups.append(("rollout", rollout_pg))
     learner_pg = None
     if ranks:  # evaluation runs engines only
         learner_pg = placement_group([dict(rank_bundle) for _ in range(ranks)], strategy="PACK", name="echoink-learner")
@@ -119,7 +122,7 @@ def plan(
 
     return Placement(
         use_gpus=use_gpus,
-        engine_options=[options(rollout_pg, i, engine_bundle) for i in range(engines)],
+        engine_options=[options(rollout_pg, i, engine_bundle) for i in range(engines)] if rollout_pg else [],
         learner_options=[options(learner_pg, i, rank_bundle) for i in range(ranks)] if learner_pg else [],
         groups=[g for _, g in groups],
     )

@@ -83,6 +83,8 @@ def learner_settings(config: RunConfig, total_steps: int, model_path: Path | Non
         grad_clip=lc.grad_clip,
         freeze_audio_tower=lc.freeze_audio_tower,
         freeze_vision_tower=lc.freeze_vision_tower,
+        freeze=tuple(lc.freeze),
+        share_prompts=lc.share_prompts,
         attn_implementation=lc.attn_implementation,
         beta=g.beta,
         kl_estimator=g.kl_estimator,
@@ -304,6 +306,10 @@ class Trainer:
         end = self.total_steps if self.stop_after is None else min(self.total_steps, self.step + self.stop_after)
         try:
             sync_seconds = self._push()  # once at start (and after a resume)
+            start_eval: dict[str, float] | None = None
+            if c.eval.at_start and self.step == 0 and self.valid_records:
+                self._say("evaluating the starting weights")
+                start_eval = self._evaluate(subset=False, final=True, name="start")
             pending: Batch | None = None
             while self.step < end:
                 step = self.step + 1
@@ -357,6 +363,9 @@ class Trainer:
                 self._say(f"stopped after step {self.step} of {self.total_steps}: continue with --resume")
             elif c.eval.at_end and self.valid_records:
                 summary["eval"] = self._evaluate(subset=False, final=True)
+                if start_eval is not None:
+                    summary["eval_start"] = start_eval
+                    summary["eval_gain"] = self._compare_start_end()
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
             return summary
         finally:
@@ -439,6 +448,7 @@ class Trainer:
             "grad_norm": metrics["grad_norm"],
             "lr": metrics["lr"],
             "clip_fraction": metrics["clip_fraction"],
+            "logprob_mean": metrics["logprob_mean"],
             "timing/rollout_s": batch.rollout_seconds,
             "timing/reward_s": reward_seconds,
             "timing/learn_s": metrics["learn_seconds"],
@@ -483,7 +493,22 @@ class Trainer:
         self._say(f"checkpoint: {path}")
         return path
 
-    def _evaluate(self, subset: bool, final: bool = False) -> dict[str, float]:
+    def _compare_start_end(self) -> dict[str, Any]:
+        """Paired before/after on the same questions: the gain and McNemar's test of it."""
+        from orchestrator.evalrun import compare, compare_table
+
+        result = compare(self.run_dir / "eval" / "start", self.run_dir / "eval" / "final")
+        self._say("before (A) and after (B) training, greedy, same questions:\n" + compare_table(result))
+        return {
+            "accuracy_start": result["accuracy_a"],
+            "accuracy_end": result["accuracy_b"],
+            "questions": result["questions"],
+            "wins": result["a_wrong_b_right"],
+            "losses": result["a_right_b_wrong"],
+            "mcnemar_p": result["mcnemar"]["p_value"],
+        }
+
+    def _evaluate(self, subset: bool, final: bool = False, name: str = "final") -> dict[str, float]:
         from orchestrator.evaluate import EvalSettings, evaluate_records
 
         assert self.pool is not None
@@ -492,10 +517,10 @@ class Trainer:
         settings = EvalSettings.from_config(c)
         if not final:
             settings = settings.only_plain()
-        out_dir = self.run_dir / "eval" / (f"step-{self.step:06d}" if not final else "final")
+        out_dir = self.run_dir / "eval" / (f"step-{self.step:06d}" if not final else name)
         result = evaluate_records(self.pool, records, settings, out_dir=out_dir, checkpoint=str(self.run_dir))
         if final:
-            self._say(result.table())
+            self._say(f"evaluation of the {'starting' if name == 'start' else 'final'} weights ({out_dir}):\n" + result.table())
         return {f"eval/{k}": v for k, v in result.flat_metrics().items()}
 
     def shutdown(self) -> None:

@@ -123,7 +123,12 @@ class RolloutEngine:
             except (MediaError, ValueError, OSError) as exc:
                 results.append(RolloutResult(record.id, error=f"{type(exc).__name__}: {exc}"))
                 continue
-            seed = None if sampling.seed is None else request_seed(sampling.seed, record.id, salt)
+            seed = None
+            if sampling.seed is not None and not self.is_cpu:
+                # vLLM 0.32's CPU runner rewinds a seeded generator's offset when it discards a
+                # token sampled during a partial prefill, which CPU generators cannot do ("CPU
+                # Generator does not use offset"): on CPUs the engine's own seed applies instead
+                seed = request_seed(sampling.seed, record.id, salt)
             params.append(sampling_params(sampling, n, seed, self.logit_bias))
             inputs.append(prompt.vllm_input())
             slots.append(len(results))

@@ -67,6 +67,23 @@ def test_shard_balances_and_pads(experiences) -> None:
     assert sorted(id(e) for s in shards for e in s if not e.dummy) == sorted(id(e) for e in experiences[:5])
 
 
+def test_shard_keeps_a_questions_completions_together(experiences) -> None:
+    # six completions of three questions (two each), plus a third completion of the first question
+    batch = [*experiences, experiences[0]]
+    shards = shard(batch, 2, keep_prompts=True)
+    assert [len(s) for s in shards] == [4, 4]
+    real = [[e.record.id for e in s if not e.dummy] for s in shards]
+    assert sorted(x for s in real for x in s) == sorted(e.record.id for e in batch)
+    for ids in real:  # each question on one rank, its completions adjacent
+        assert all(ids.count(q) == len([e for e in batch if e.record.id == q]) for q in set(ids))
+        assert ids == sorted(ids, key=ids.index)
+    dummies = [e for s in shards for e in s if e.dummy]
+    assert len(dummies) == 1 and dummies[0].advantage == 0.0
+    # the filler repeats a prompt its rank computes anyway
+    owner = next(s for s in shards if any(e.dummy for e in s))
+    assert dummies[0].record.id in {e.record.id for e in owner if not e.dummy}
+
+
 @pytest.mark.parametrize("stage", [2, 3])
 def test_two_ranks_update_like_one(ray_local, tiny_checkpoint, experiences, stage: int) -> None:
     one = group(ray_local, settings(tiny_checkpoint, num_ranks=1, zero_stage=stage))
@@ -136,3 +153,19 @@ def test_saved_checkpoint_reloads_with_the_same_logprobs(ray_local, tiny_checkpo
         assert state["step"] == 2
     finally:
         reloaded.kill()
+
+
+def test_freeze_prefixes_holds_named_parameters_and_refuses_typos(tiny_checkpoint) -> None:
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from learner.worker import freeze_prefixes
+
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(tiny_checkpoint)
+    head = model.lm_head.weight.numel()
+    assert freeze_prefixes(model, ("lm_head",)) == head
+    assert not model.lm_head.weight.requires_grad
+    assert model.model.embed_tokens.weight.requires_grad
+    frozen = freeze_prefixes(model, ("model.embed_tokens.",))
+    assert frozen == model.model.embed_tokens.weight.numel()
+    with pytest.raises(ValueError, match="'model.embed' matches no parameter"):
+        freeze_prefixes(model, ("model.embed",))  # prefixes match whole name parts, not characters

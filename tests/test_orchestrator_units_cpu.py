@@ -110,3 +110,36 @@ def test_checkpoints_are_atomic_and_pruned(tmp_path: Path) -> None:
     # a folder without run_state.json (a kill before the rename) never counts
     (ckpt.checkpoint_dir(tmp_path) / "step-000009").mkdir()
     assert ckpt.latest_checkpoint(tmp_path).name == "step-000003"
+
+
+def test_warm_start_targets_teach_the_format_not_the_answer(train_json: Path) -> None:
+    import random
+    from collections import Counter
+
+    from avqa import load_records
+    from avqa.synth import COLOURS, TONES_HZ
+    from orchestrator.warmstart import REASONING, target_text
+    from rewards.functions import format_reward
+
+    record = load_records(train_json)[0]
+    rng = random.Random(0)
+    texts = [target_text(record, rng) for _ in range(4000)]
+    assert all(format_reward(t) == 1.0 for t in texts)
+    letters = Counter(t[t.index("<answer>") + 8] for t in texts)
+    assert set(letters) == set(record.letters)
+    assert all(0.2 < count / len(texts) < 0.3 for count in letters.values()), letters
+    # the reasoning names no option letter and no colour or pitch
+    words = set(REASONING.lower().split())
+    assert not words & {letter.lower() for letter in record.letters}
+    assert not words & (set(COLOURS) | {w for tone in TONES_HZ for w in tone.split()})
+
+
+def test_warm_start_refuses_to_overwrite_a_checkpoint(tmp_path: Path, train_json: Path, capsys) -> None:
+    from orchestrator.cli import main
+
+    out = tmp_path / "warm"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    code = main(["model", "warmstart", "--model", str(tmp_path / "m"), "--data", str(train_json), "--out", str(out)])
+    assert code == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
