@@ -6,7 +6,8 @@ ratio is the time saved. It grows with the group size and with the prompt's shar
 (EchoInk's prompt is ~390 tokens of instructions plus the image and audio tokens).
 
     python benchmarks/bench_shared_prompts.py                         # the tiny layout, CPU demo sizes
-    python benchmarks/bench_shared_prompts.py --layout 2b --completion 768 --image-size 448 --audio-seconds 10
+    python benchmarks/bench_shared_prompts.py --layout 2b --completion 768 --image-size 448 --audio-seconds 10 \
+        --group 16 --questions 1 --checkpointing                       # the reference run's shape, a GPU
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=56)
     parser.add_argument("--audio-seconds", type=float, default=1.0)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing (as the 7B config)")
     args = parser.parse_args()
 
     import torch
@@ -60,6 +62,8 @@ def main() -> None:
         config = AutoConfig.from_pretrained(folder).thinker_config
         model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(config, dtype=dtype)
     model.to(device).train()
+    if args.checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     records = load_records(data / "train" / "omni_rl_format_train.json")[: args.questions]
     features = [encode_prompt(processor, prepare_prompt(r, processor)) for r in records]
     tok = processor.tokenizer
@@ -96,7 +100,7 @@ def main() -> None:
     gap = float((logps["per completion"] - logps["shared prompts"]).abs().max())
     tokens = {name: int(b.input_tokens.sum()) for name, b in batches.items()}
     rows = [
-        ("layout", args.layout),
+        ("layout", args.layout + (", gradient checkpointing" if args.checkpointing else "")),
         ("micro-batch", f"{args.questions} prompts × G={args.group}, {args.completion} completion tokens"),
         ("prompt tokens", str(features[0].input_ids.numel())),
         *[(f"{name}: tokens / seconds", f"{tokens[name]} / {seconds[name]:.3f}") for name in batches],

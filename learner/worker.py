@@ -321,12 +321,11 @@ class LearnerWorker:
             out.append(cache[key])
         return out
 
-    def _batch(self, experiences: Sequence[Experience], cache: dict[str, PromptFeatures], grad: bool) -> ModelBatch:
+    def _batch(self, experiences: Sequence[Experience], cache: dict[str, PromptFeatures]) -> ModelBatch:
         prompts = self._features(experiences, cache)
         completions = [e.completion_ids for e in experiences]
         common = dict(pad_id=self.pad_id, eos_ids=self.eos_ids, forbidden_ids=self.media_ids)
-        # transformers drops the key/value cache under gradient checkpointing: share only without it
-        if self.settings.share_prompts and not (grad and self.settings.gradient_checkpointing):
+        if self.settings.share_prompts:
             batch = collate_shared(prompts, [e.record.id for e in experiences], completions, **common)
         else:
             batch = collate(prompts, completions, **common)
@@ -358,7 +357,7 @@ class LearnerWorker:
         lr = float(self.scheduler.get_last_lr()[0])
         for start in range(0, len(experiences), s.micro_batch_size):
             micro = experiences[start : start + s.micro_batch_size]
-            batch = self._batch(micro, cache, grad=True)
+            batch = self._batch(micro, cache)
             real = torch.tensor([0.0 if e.dummy else 1.0 for e in micro], device=self.device)
             mask = batch.completion_mask * real.unsqueeze(1)
             advantages = torch.tensor([e.advantage for e in micro], device=self.device, dtype=torch.float32)
@@ -431,7 +430,7 @@ class LearnerWorker:
         out: list[list[float]] = []
         try:
             for start in range(0, len(experiences), self.settings.micro_batch_size):
-                batch = self._batch(experiences[start : start + self.settings.micro_batch_size], cache, grad=False)
+                batch = self._batch(experiences[start : start + self.settings.micro_batch_size], cache)
                 logp = self._logprobs(model, batch)
                 for row in range(logp.shape[0]):
                     n = int(batch.completion_mask[row].sum())

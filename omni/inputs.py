@@ -338,37 +338,44 @@ def completion_logprobs(
 
 def _shared_prompt_logits(model: Any, batch: ModelBatch, head: torch.nn.Module) -> torch.Tensor:
     """[B, C, V] logits predicting each completion token: the distinct prompts run once, then every
-    completion runs on its prompt's key/value cache (gradients flow back into the prompt pass).
+    completion runs on its prompt's keys and values (gradients flow back into the prompt pass).
 
     Positions are given explicitly: the thinker's multimodal rotary positions of a prompt end at
-    its last text token, and completion token t sits t + 1 past it on all three axes.
+    its last text token, and completion token t sits t + 1 past it on all three axes. Both caches
+    are idempotent (a write replaces, a read stores nothing), so a checkpointed layer's recompute
+    in the backward pass sees exactly what its forward saw: sharing works under gradient
+    checkpointing, where transformers would otherwise drop the cache.
     """
-    from transformers import DynamicCache
+    from omni.prefix_cache import PromptRecorder, ReadOnlyPrefix
 
     thinker = getattr(model, "module", model)
+    for layer in thinker.model.layers:
+        layer._can_checkpoint_with_cache = True  # safe with the two caches below, see their docstrings
     inputs = batch.inputs
     audio_lengths = inputs["feature_attention_mask"].sum(dim=1)
     positions, _ = thinker.get_rope_index(
         inputs["input_ids"], inputs["image_grid_thw"], None, inputs["attention_mask"], False, audio_lengths, None
     )
-    cache = DynamicCache(config=thinker.config.get_text_config())
+    recorder = PromptRecorder(config=thinker.config.get_text_config())
     with keep_last_positions(head, 1):
-        first = model(**inputs, position_ids=positions, past_key_values=cache, use_cache=True).logits  # [K, 1, V]
+        # use_cache=False: the layers use the cache object passed in either way; nothing is returned
+        first = model(**inputs, position_ids=positions, past_key_values=recorder, use_cache=False).logits  # [K, 1, V]
     rows = batch.prompt_rows
-    cache.batch_select_indices(rows)  # K prompts → B rows (indexing keeps the graph)
+    if batch.completion_len == 1:
+        return first[rows]
+    prefix = ReadOnlyPrefix([(k[rows], v[rows]) for k, v in recorder.ordered()])  # K prompts → B rows
     c = batch.completion_len
     start = positions[:, :, -1].max(dim=0).values[rows] + 1  # [B]: left padding puts the last token last
-    steps = torch.arange(c, device=start.device)
+    steps = torch.arange(c - 1, device=start.device)
     completion_positions = (start[:, None] + steps[None, :]).unsqueeze(0).expand(3, -1, -1)
-    attention = torch.cat([inputs["attention_mask"][rows], batch.completion_mask.long()], dim=1)
-    if c == 1:
-        return first[rows]
+    attention = torch.cat([inputs["attention_mask"][rows], batch.completion_mask[:, :-1].long()], dim=1)
     with keep_last_positions(head, c - 1):
         rest = model(
             input_ids=batch.completion_ids[:, :-1],
-            attention_mask=attention[:, :-1],
-            position_ids=completion_positions[:, :, :-1],
-            past_key_values=cache,
-            use_cache=True,
+            attention_mask=attention,
+            position_ids=completion_positions,
+            past_key_values=prefix,
+            use_cache=False,
         ).logits  # [B, C - 1, V]: completion token t predicts token t + 1
     return torch.cat([first[rows], rest], dim=1)
+

@@ -95,8 +95,8 @@ class LearnerConfig(Section):
     freeze_vision_tower: bool = False
     share_prompts: bool = Field(
         True,
-        description="run each question's prompt (and its image and audio encoders) once for its G completions; "
-        "under gradient checkpointing only the no-grad passes share (transformers drops the cache there)",
+        description="run each question's prompt (and its image and audio encoders) once per micro-batch for its "
+        "completions, which continue from its keys and values; exact, also under gradient checkpointing",
     )
     freeze: list[str] = Field(
         default_factory=list,

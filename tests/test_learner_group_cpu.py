@@ -111,6 +111,27 @@ def test_two_ranks_update_like_one(ray_local, tiny_checkpoint, experiences, stag
     assert m1["kl"] == pytest.approx(0.0, abs=1e-9)  # policy == reference before the step
 
 
+def test_shared_prompts_update_like_one_copy_per_completion(ray_local, tiny_checkpoint, experiences) -> None:
+    """ZeRO-2, gradient checkpointing, micro-batches of 4 (two questions each): the same step whether
+    each micro-batch runs its questions' prompts once or once per completion."""
+    results = []
+    for share in (False, True):
+        g = group(ray_local, settings(tiny_checkpoint, micro_batch_size=4, share_prompts=share))
+        try:
+            before = dict(g.named_weights())
+            metrics = g.train_step(experiences)
+            results.append((metrics, dict(g.named_weights())))
+        finally:
+            g.kill()
+    (m_full, after_full), (m_shared, after_shared) = results
+    assert m_shared["loss"] == pytest.approx(m_full["loss"], rel=1e-5, abs=1e-7)
+    assert m_shared["grad_norm"] == pytest.approx(m_full["grad_norm"], rel=1e-4)
+    assert m_shared["input_tokens"] < m_full["input_tokens"]  # the prompts were computed fewer times
+    moved = max((after_full[n] - before[n]).abs().max().item() for n in before)
+    diff = max((after_full[n] - after_shared[n]).abs().max().item() for n in before)
+    assert moved > 1e-4 and diff < 1e-6
+
+
 def test_advantage_sign_moves_logprob(ray_local, tiny_checkpoint, experiences) -> None:
     g = group(ray_local, settings(tiny_checkpoint, beta=0.0, micro_batch_size=4))
     try:

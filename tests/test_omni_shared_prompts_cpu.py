@@ -30,7 +30,13 @@ def setup(tiny_checkpoint, train_json):
     model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(tiny_checkpoint, dtype=torch.float32)
     processor = load_processor(tiny_checkpoint)
     records = load_records(train_json)[:3]
-    features = {r.id: encode_prompt(processor, prepare_prompt(r, processor)) for r in records}
+    # prompts of different lengths, so the batch is padded and attention needs its mask
+    systems = [None, "You are a careful listener and a careful observer.", "Answer briefly."]
+    features = {
+        r.id: encode_prompt(processor, prepare_prompt(r, processor, system_prompt=system))
+        for r, system in zip(records, systems, strict=True)
+    }
+    assert len({f.input_ids.numel() for f in features.values()}) == 3
     return model, processor, records, features
 
 
@@ -68,17 +74,26 @@ def test_shared_batch_holds_each_prompt_once(setup) -> None:
     assert shared.input_tokens.sum() < full.input_tokens.sum()
 
 
-def test_shared_prompts_give_the_same_logprobs_and_gradients(setup) -> None:
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_shared_prompts_give_the_same_logprobs_and_gradients(setup, checkpointing: bool) -> None:
+    """Under gradient checkpointing every layer's forward runs again in the backward pass: the
+    shared path's caches must give that recompute the same keys (else the gradients differ or
+    torch refuses the recompute)."""
     model, processor, records, features = setup
     full, shared = batch_rows(processor, records, features, seed=1)
     model.train()
     results = []
-    for batch in (full, shared):
-        model.zero_grad()
-        logp = completion_logprobs(model, batch)
-        # an advantage-weighted sum, like the policy loss: every row and token counts differently
-        weights = torch.linspace(-1.0, 1.0, logp.shape[0])[:, None]
-        (logp * weights).sum().backward()
+    for batch, checkpoint in ((full, False), (shared, checkpointing)):
+        if checkpoint:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        try:
+            model.zero_grad()
+            logp = completion_logprobs(model, batch)
+            # an advantage-weighted sum, like the policy loss: every row and token counts differently
+            weights = torch.linspace(-1.0, 1.0, logp.shape[0])[:, None]
+            (logp * weights).sum().backward()
+        finally:
+            model.gradient_checkpointing_disable()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
         results.append((logp.detach(), grads))
     (logp_full, grads_full), (logp_shared, grads_shared) = results
