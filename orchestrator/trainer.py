@@ -301,15 +301,14 @@ class Trainer:
         if self.learner is None:
             self.start()
         c = self.config
+        sync_seconds = self._push()  # once at start (and after a resume)
+        start_eval: dict[str, float] | None = None
+        if c.eval.at_start and self.step == 0 and self.valid_records:
+            start_eval = self._evaluate(subset=False, final=True, name="start")  # before the progress bar
         logger = MetricsLogger(self.run_dir, total_steps=self.total_steps, start_step=self.step, console=self.console)
         last: dict[str, float] = {}
         end = self.total_steps if self.stop_after is None else min(self.total_steps, self.step + self.stop_after)
         try:
-            sync_seconds = self._push()  # once at start (and after a resume)
-            start_eval: dict[str, float] | None = None
-            if c.eval.at_start and self.step == 0 and self.valid_records:
-                self._say("evaluating the starting weights")
-                start_eval = self._evaluate(subset=False, final=True, name="start")
             pending: Batch | None = None
             while self.step < end:
                 step = self.step + 1

@@ -64,7 +64,7 @@ def tiny_config(checkpoint: Path, data: Path, out: Path, *extra: str):
 @pytest.fixture(scope="module")
 def uninterrupted(ray_local, tiny_checkpoint, synth_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run-full")
-    config = tiny_config(tiny_checkpoint, synth_dir, out, "eval.at_end=true", "eval.ablate=[none,audio]")
+    config = tiny_config(tiny_checkpoint, synth_dir, out, "eval.at_end=true", "eval.at_start=true", "eval.ablate=[none,audio]")
     summary = train(config, console=False)
     return out, summary
 
@@ -93,6 +93,22 @@ def test_run_folder_has_metrics_checkpoint_and_tensorboard(uninterrupted) -> Non
     assert len(placement["engines"]) == 1 and len(placement["learner_ranks"]) == 2
     evaluation = json.loads((out / "eval" / "final" / "summary.json").read_text())
     assert set(evaluation["conditions"]) == {"none", "audio"} and evaluation["questions"] == 12
+    # eval.at_start: the starting weights on the same questions, and the paired gain in the summary
+    start = json.loads((out / "eval" / "start" / "summary.json").read_text())
+    assert start["questions"] == 12
+    gain = summary["eval_gain"]
+    assert gain["accuracy_start"] == pytest.approx(start["accuracy"])
+    assert gain["accuracy_end"] == pytest.approx(evaluation["accuracy"])
+    assert gain["questions"] == 12 and 0 <= gain["mcnemar_p"] <= 1
+    # wins and losses are the discordant pairs of the two results files
+    def right(folder: str) -> dict[str, bool]:
+        rows = [json.loads(x) for x in (out / "eval" / folder / "results.jsonl").read_text().splitlines()]
+        return {r["id"]: r["correct"] >= 0.5 for r in rows if r["condition"] == "none"}
+
+    before, after = right("start"), right("final")
+    assert gain["wins"] == sum(after[q] and not before[q] for q in before)
+    assert gain["losses"] == sum(before[q] and not after[q] for q in before)
+    assert summary["eval_start"]["eval/accuracy"] == pytest.approx(start["accuracy"])
 
 
 def test_checkpoint_loads_in_transformers(uninterrupted) -> None:
