@@ -51,6 +51,12 @@ def llm_kwargs(settings: EngineSettings, engine_index: int = 0, *, is_cpu: bool)
         kwargs["kv_cache_memory_bytes"] = kv_bytes
     if is_cpu and settings.dtype == "auto":
         kwargs["dtype"] = "float32"  # auto would downcast a float32 checkpoint to bfloat16
+    if is_cpu:
+        # vLLM's runner rewinds a seeded request's generator when it drops the token sampled
+        # during a partial (chunked) prefill, and CPU generators cannot rewind ("CPU Generator
+        # does not use offset"): prefill whole prompts on CPUs so per-request seeds work there too
+        kwargs["enable_chunked_prefill"] = False
+        kwargs["max_num_batched_tokens"] = max(settings.max_model_len, 8192)
     return kwargs
 
 
@@ -123,12 +129,7 @@ class RolloutEngine:
             except (MediaError, ValueError, OSError) as exc:
                 results.append(RolloutResult(record.id, error=f"{type(exc).__name__}: {exc}"))
                 continue
-            seed = None
-            if sampling.seed is not None and not self.is_cpu:
-                # vLLM 0.32's CPU runner rewinds a seeded generator's offset when it discards a
-                # token sampled during a partial prefill, which CPU generators cannot do ("CPU
-                # Generator does not use offset"): on CPUs the engine's own seed applies instead
-                seed = request_seed(sampling.seed, record.id, salt)
+            seed = None if sampling.seed is None else request_seed(sampling.seed, record.id, salt)
             params.append(sampling_params(sampling, n, seed, self.logit_bias))
             inputs.append(prompt.vllm_input())
             slots.append(len(results))

@@ -91,6 +91,21 @@ def test_broken_media_fails_one_question_and_the_engine_serves_on(
     assert [len(r.completions) for r in again] == [3, 3]
 
 
+def test_per_request_seeds_replay_a_batch_on_the_cpu(ray_local, engine, records) -> None:
+    """A batch larger than one step's token budget (every record × 8, ~86k prompt tokens) with
+    per-request seeds: the same salt replays the same completions, another salt draws new ones.
+    (With vLLM's chunked prefill on, a CPU engine fails such a batch: see llm_kwargs.)"""
+
+    def draw(salt: int) -> list[list[list[int]]]:
+        results = ray_local.get(engine.generate.remote(records, 8, SAMPLING, salt=salt))
+        assert all(r.ok for r in results), [r.error for r in results if not r.ok][:1]
+        return [[c.token_ids for c in r.completions] for r in results]
+
+    first = draw(salt=11)
+    assert draw(salt=11) == first
+    assert draw(salt=12) != first
+
+
 def test_pool_of_two_engines_keeps_order_and_groups(ray_local, engine, tiny_checkpoint, records) -> None:
     second = start_engine(ray_local, tiny_checkpoint, index=1)
     try:
