@@ -170,17 +170,12 @@ class ModelBatch:
 
     @property
     def input_tokens(self) -> torch.Tensor:
-        """Tokens each completion row costs the forward: [B] (a shared prompt counts once, on its first row)."""
-        attended = self.inputs["attention_mask"].sum(dim=1)
+        """Tokens each completion row costs the forward, [B]: a shared prompt is split over its rows."""
+        attended = self.inputs["attention_mask"].sum(dim=1).float()
         if self.prompt_rows is None:
-            return attended.float()
-        first = torch.zeros_like(self.prompt_rows, dtype=torch.bool)
-        seen: set[int] = set()
-        for row, prompt in enumerate(self.prompt_rows.tolist()):
-            if prompt not in seen:
-                seen.add(prompt)
-                first[row] = True
-        return attended[self.prompt_rows].float() * first + self.completion_mask.sum(dim=1)
+            return attended
+        sharing = torch.bincount(self.prompt_rows, minlength=attended.numel()).float()
+        return (attended / sharing)[self.prompt_rows] + self.completion_mask.sum(dim=1)
 
 
 def collate(
@@ -195,44 +190,15 @@ def collate(
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     if not prompts:
         raise ValueError("empty batch")
-    p_max = max(p.input_ids.numel() for p in prompts)
-    c_max = max(1, max(len(c) for c in completions))
-    batch = len(prompts)
-    input_ids = torch.full((batch, p_max + c_max), pad_id, dtype=torch.long)
-    attention = torch.zeros((batch, p_max + c_max), dtype=torch.long)
-    comp_ids = torch.full((batch, c_max), pad_id, dtype=torch.long)
-    comp_mask = torch.zeros((batch, c_max), dtype=torch.float32)
-    for row, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        p = prompt.input_ids.numel()
-        input_ids[row, p_max - p : p_max] = prompt.input_ids
-        attention[row, p_max - p : p_max] = 1
-        if completion:
-            _check_completion(row, completion, forbidden_ids)
-            ids = torch.as_tensor(list(completion), dtype=torch.long)
-            mask = torch.as_tensor(completion_mask(completion, eos_ids), dtype=torch.float32)
-            input_ids[row, p_max : p_max + ids.numel()] = ids
-            # tokens after the first end-of-turn are not attended either: they are not part of the turn
-            attention[row, p_max : p_max + ids.numel()] = mask.long()
-            comp_ids[row, : ids.numel()] = ids
-            comp_mask[row, : ids.numel()] = mask
-    inputs = {"input_ids": input_ids, "attention_mask": attention, **_media_inputs(prompts)}
-    return ModelBatch(inputs, comp_ids, comp_mask)
-
-
-def _media_inputs(prompts: Sequence[PromptFeatures]) -> dict[str, torch.Tensor]:
-    """The prompts' image and audio tensors, concatenated in row order (what the thinker's forward takes)."""
-    return {
-        "pixel_values": torch.cat([p.pixel_values for p in prompts], dim=0),
-        "image_grid_thw": torch.cat([p.image_grid_thw for p in prompts], dim=0),
-        "input_features": torch.cat([p.input_features for p in prompts], dim=0),
-        "feature_attention_mask": torch.cat([p.feature_attention_mask for p in prompts], dim=0),
+    prompt_ids, prompt_attention = _pad_prompts(prompts, pad_id)
+    comp_ids, comp_mask = _pad_completions(completions, pad_id, eos_ids, forbidden_ids)
+    # tokens after the first end-of-turn are not attended either: they are not part of the turn
+    inputs = {
+        "input_ids": torch.cat([prompt_ids, comp_ids], dim=1),
+        "attention_mask": torch.cat([prompt_attention, comp_mask.long()], dim=1),
+        **_media_inputs(prompts),
     }
-
-
-def _check_completion(row: int, completion: Sequence[int], forbidden_ids: Sequence[int]) -> None:
-    bad = set(completion).intersection(forbidden_ids)
-    if bad:
-        raise ValueError(f"completion {row} contains media placeholder token(s) {sorted(bad)}")
+    return ModelBatch(inputs, comp_ids, comp_mask)
 
 
 def collate_shared(
@@ -248,7 +214,7 @@ def collate_shared(
 
     GRPO scores G completions per question: run as G full sequences, the prompt (and its image and
     audio encoders) is computed G times. Here each distinct prompt runs once, left-padded, and the
-    completions continue from its key/value cache (:func:`completion_logprobs`).
+    completions continue from its keys and values (:func:`completion_logprobs`).
     """
     if not (len(prompts) == len(keys) == len(completions)):
         raise ValueError(f"{len(prompts)} prompts, {len(keys)} keys, {len(completions)} completions")
@@ -256,29 +222,55 @@ def collate_shared(
         raise ValueError("empty batch")
     index: dict[str, int] = {}
     unique: list[PromptFeatures] = []
-    rows = []
     for key, prompt in zip(keys, prompts, strict=True):
         if key not in index:
             index[key] = len(unique)
             unique.append(prompt)
-        rows.append(index[key])
-    p_max = max(p.input_ids.numel() for p in unique)
-    input_ids = torch.full((len(unique), p_max), pad_id, dtype=torch.long)
-    attention = torch.zeros((len(unique), p_max), dtype=torch.long)
-    for row, prompt in enumerate(unique):
+    prompt_ids, prompt_attention = _pad_prompts(unique, pad_id)
+    comp_ids, comp_mask = _pad_completions(completions, pad_id, eos_ids, forbidden_ids)
+    inputs = {"input_ids": prompt_ids, "attention_mask": prompt_attention, **_media_inputs(unique)}
+    rows = torch.tensor([index[key] for key in keys], dtype=torch.long)
+    return ModelBatch(inputs, comp_ids, comp_mask, rows)
+
+
+def _pad_prompts(prompts: Sequence[PromptFeatures], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids and their attention mask, [N, P]: every prompt ends in the last column."""
+    p_max = max(p.input_ids.numel() for p in prompts)
+    ids = torch.full((len(prompts), p_max), pad_id, dtype=torch.long)
+    attention = torch.zeros((len(prompts), p_max), dtype=torch.long)
+    for row, prompt in enumerate(prompts):
         p = prompt.input_ids.numel()
-        input_ids[row, p_max - p :] = prompt.input_ids
+        ids[row, p_max - p :] = prompt.input_ids
         attention[row, p_max - p :] = 1
+    return ids, attention
+
+
+def _pad_completions(
+    completions: Sequence[Sequence[int]], pad_id: int, eos_ids: Sequence[int], forbidden_ids: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded completion ids and their float mask (1 through the first end-of-turn), [B, C]."""
     c_max = max(1, max(len(c) for c in completions))
-    comp_ids = torch.full((len(completions), c_max), pad_id, dtype=torch.long)
-    comp_mask = torch.zeros((len(completions), c_max), dtype=torch.float32)
+    ids = torch.full((len(completions), c_max), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(completions), c_max), dtype=torch.float32)
     for row, completion in enumerate(completions):
-        if completion:
-            _check_completion(row, completion, forbidden_ids)
-            comp_ids[row, : len(completion)] = torch.as_tensor(list(completion), dtype=torch.long)
-            comp_mask[row, : len(completion)] = torch.as_tensor(completion_mask(completion, eos_ids))
-    inputs = {"input_ids": input_ids, "attention_mask": attention, **_media_inputs(unique)}
-    return ModelBatch(inputs, comp_ids, comp_mask, torch.tensor(rows, dtype=torch.long))
+        if not completion:
+            continue
+        bad = set(completion).intersection(forbidden_ids)
+        if bad:
+            raise ValueError(f"completion {row} contains media placeholder token(s) {sorted(bad)}")
+        ids[row, : len(completion)] = torch.as_tensor(list(completion), dtype=torch.long)
+        mask[row, : len(completion)] = torch.as_tensor(completion_mask(completion, eos_ids), dtype=torch.float32)
+    return ids, mask
+
+
+def _media_inputs(prompts: Sequence[PromptFeatures]) -> dict[str, torch.Tensor]:
+    """The prompts' image and audio tensors, concatenated in row order (what the thinker's forward takes)."""
+    return {
+        "pixel_values": torch.cat([p.pixel_values for p in prompts], dim=0),
+        "image_grid_thw": torch.cat([p.image_grid_thw for p in prompts], dim=0),
+        "input_features": torch.cat([p.input_features for p in prompts], dim=0),
+        "feature_attention_mask": torch.cat([p.feature_attention_mask for p in prompts], dim=0),
+    }
 
 
 class keep_last_positions:

@@ -71,7 +71,13 @@ def test_shared_batch_holds_each_prompt_once(setup) -> None:
     assert torch.equal(shared.completion_mask, full.completion_mask)
     # the image and audio encoders see three prompts, not six
     assert shared.inputs["input_features"].shape[0] == 3
-    assert shared.input_tokens.sum() < full.input_tokens.sum()
+    # work through the model: each distinct prompt once plus every completion's own tokens
+    prompts = sum(f.input_ids.numel() for f in features.values())
+    completions = float(full.completion_mask.sum())
+    assert float(shared.input_tokens.sum()) == pytest.approx(prompts + completions)
+    assert float(full.input_tokens.sum()) == pytest.approx(
+        sum(features[r.id].input_ids.numel() * n for r, n in zip(records, (1, 3, 2), strict=True)) + completions
+    )
 
 
 @pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
