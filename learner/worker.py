@@ -74,17 +74,17 @@ def freeze_prefixes(model: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
     A prefix that matches nothing is a typo in a config, not a no-op: it fails with the names
     that do exist at the top of the module tree.
     """
-    names = [name for name, _ in model.named_parameters()]
+    params = dict(model.named_parameters())
     frozen = 0
     for prefix in prefixes:
-        hits = [name for name in names if name == prefix or name.startswith(prefix.rstrip(".") + ".")]
+        stem = prefix.rstrip(".")
+        hits = [name for name in params if name == stem or name.startswith(stem + ".")]
         if not hits:
-            tops = sorted({".".join(n.split(".")[:2]) for n in names})
+            tops = sorted({".".join(n.split(".")[:2]) for n in params})
             raise ValueError(f"learner.freeze: {prefix!r} matches no parameter; prefixes at hand: {tops}")
-        for name, param in model.named_parameters():
-            if name in hits:
-                param.requires_grad_(False)
-                frozen += param.numel()
+        for name in hits:
+            params[name].requires_grad_(False)
+            frozen += params[name].numel()
     return frozen
 
 

@@ -89,16 +89,14 @@ def plan(
     if use_gpus:
         engine_bundle["GPU"] = float(tensor_parallel_size)
         rank_bundle["GPU"] = 1.0
-    groups = []
-    rollout_pg = None
-    if engines:  # a warm start runs learner ranks only
-        rollout_pg = placement_group([dict(engine_bundle) for _ in range(engines)], strategy="PACK", name="echoink-rollout")
-        groups.append(("rollout", rollout_pg))
-    learner_pg = None
-    if ranks:  # evaluation runs engines only
-        learner_pg = placement_group([dict(rank_bundle) for _ in range(ranks)], strategy="PACK", name="echoink-learner")
-        groups.append(("learner", learner_pg))
-    for name, group in groups:
+    # either role may be absent: evaluation runs engines only, a warm start learner ranks only
+    wanted = {"rollout": (engine_bundle, engines), "learner": (rank_bundle, ranks)}
+    groups = {
+        name: placement_group([dict(bundle) for _ in range(count)], strategy="PACK", name=f"echoink-{name}")
+        for name, (bundle, count) in wanted.items()
+        if count
+    }
+    for name, group in groups.items():
         ready, _ = ray.wait([group.ready()], timeout=timeout_s)
         if not ready:
             raise TimeoutError(
@@ -122,7 +120,7 @@ def plan(
 
     return Placement(
         use_gpus=use_gpus,
-        engine_options=[options(rollout_pg, i, engine_bundle) for i in range(engines)] if rollout_pg else [],
-        learner_options=[options(learner_pg, i, rank_bundle) for i in range(ranks)] if learner_pg else [],
-        groups=[g for _, g in groups],
+        engine_options=[options(groups["rollout"], i, engine_bundle) for i in range(engines)],
+        learner_options=[options(groups["learner"], i, rank_bundle) for i in range(ranks)],
+        groups=list(groups.values()),
     )

@@ -304,7 +304,7 @@ class Trainer:
         sync_seconds = self._push()  # once at start (and after a resume)
         start_eval: dict[str, float] | None = None
         if c.eval.at_start and self.step == 0 and self.valid_records:
-            start_eval = self._evaluate(subset=False, final=True, name="start")  # before the progress bar
+            start_eval = self._evaluate("start")  # before the progress bar
         logger = MetricsLogger(self.run_dir, total_steps=self.total_steps, start_step=self.step, console=self.console)
         last: dict[str, float] = {}
         end = self.total_steps if self.stop_after is None else min(self.total_steps, self.step + self.stop_after)
@@ -334,7 +334,7 @@ class Trainer:
                 values["data/epoch"] = self.sampler.state.epoch + self.sampler.state.position / self.sampler.size
                 values["data/bad_records"] = float(len(self.bad_records))
                 if c.eval.every and step % c.eval.every == 0 and self.valid_records:
-                    values.update(self._evaluate(subset=True))
+                    values.update(self._evaluate())
                 logger.log(step, values)
                 last = values
                 if c.checkpoint.every and step % c.checkpoint.every == 0 and step != end:
@@ -361,10 +361,11 @@ class Trainer:
             if not finished:
                 self._say(f"stopped after step {self.step} of {self.total_steps}: continue with --resume")
             elif c.eval.at_end and self.valid_records:
-                summary["eval"] = self._evaluate(subset=False, final=True)
+                summary["eval"] = self._evaluate("final")
                 if start_eval is not None:
-                    summary["eval_start"] = start_eval
                     summary["eval_gain"] = self._compare_start_end()
+            if start_eval is not None:
+                summary["eval_start"] = start_eval
             (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
             return summary
         finally:
@@ -507,19 +508,22 @@ class Trainer:
             "mcnemar_p": result["mcnemar"]["p_value"],
         }
 
-    def _evaluate(self, subset: bool, final: bool = False, name: str = "final") -> dict[str, float]:
+    def _evaluate(self, name: str | None = None) -> dict[str, float]:
+        """``name`` None: the periodic check (the first ``eval.subset`` questions, no ablations) into
+        eval/step-N; else the whole split with every ablation into eval/NAME, printed."""
         from orchestrator.evaluate import EvalSettings, evaluate_records
 
         assert self.pool is not None
         c = self.config
-        records = self.valid_records[: c.eval.subset] if subset else self.valid_records
         settings = EvalSettings.from_config(c)
-        if not final:
-            settings = settings.only_plain()
-        out_dir = self.run_dir / "eval" / (f"step-{self.step:06d}" if not final else name)
-        result = evaluate_records(self.pool, records, settings, out_dir=out_dir, checkpoint=str(self.run_dir))
-        if final:
-            self._say(f"evaluation of the {'starting' if name == 'start' else 'final'} weights ({out_dir}):\n" + result.table())
+        records = self.valid_records
+        if name is None:
+            records, settings = records[: c.eval.subset], settings.only_plain()
+        folder = self.run_dir / "eval" / (name or f"step-{self.step:06d}")
+        result = evaluate_records(self.pool, records, settings, out_dir=folder, checkpoint=str(self.run_dir))
+        if name is not None:
+            which = "starting" if name == "start" else "final"
+            self._say(f"evaluation of the {which} weights ({folder}):\n" + result.table())
         return {f"eval/{k}": v for k, v in result.flat_metrics().items()}
 
     def shutdown(self) -> None:
