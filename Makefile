@@ -65,9 +65,8 @@ lint: install
 	$(BIN)/ruff check .
 
 demo: install
-	@# the flags are avqa.synth.DEMO_SPEC (what tests/test_demo_learns_cpu.py trains on)
-	test -f $(DEMO_DATA)/train/omni_rl_format_train.json || $(BIN)/echoink data synth --out $(DEMO_DATA) \
-		--train 256 --val 64 --image-size 56 --audio-seconds 1 --shape-scale 0.8,1.0 --seed 0
+	test -f $(DEMO_DATA)/train/omni_rl_format_train.json || $(BIN)/echoink data synth --demo --out $(DEMO_DATA) \
+		--train 256 --val 64 --seed 0
 	test -f $(DEMO_MODEL)/config.json || $(BIN)/echoink model tiny --out $(DEMO_MODEL) --seed 0
 	test -f $(DEMO_WARM)/config.json || $(BIN)/echoink model warmstart --model $(DEMO_MODEL) \
 		--data $(DEMO_DATA)/train/omni_rl_format_train.json --out $(DEMO_WARM)

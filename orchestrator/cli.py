@@ -9,16 +9,20 @@ from pathlib import Path
 
 
 def _data_synth(args: argparse.Namespace) -> int:
-    from avqa.synth import SynthSpec, synth_dataset
+    import dataclasses
 
-    spec = SynthSpec(
-        image_size=args.image_size,
-        audio_seconds=args.audio_seconds,
-        colours=tuple(args.colours.split(",")),
-        tones=tuple(args.tones.split(",")),
-        shuffle_options=args.shuffle_options,
-        shape_scale=args.shape_scale,
-    )
+    from avqa.synth import DEMO_SPEC, SynthSpec, synth_dataset
+
+    given = {
+        "image_size": args.image_size,
+        "audio_seconds": args.audio_seconds,
+        "colours": tuple(args.colours.split(",")) if args.colours else None,
+        "tones": tuple(args.tones.split(",")) if args.tones else None,
+        "shuffle_options": args.shuffle_options or None,
+        "shape_scale": args.shape_scale,
+    }
+    base = DEMO_SPEC if args.demo else SynthSpec()
+    spec = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
     paths = synth_dataset(args.out, train=args.train, val=args.val, seed=args.seed, spec=spec)
     for split, path in paths.items():
         print(f"{split}: {path}")
@@ -174,12 +178,15 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--train", type=int, default=256, help="training questions (default 256)")
     synth.add_argument("--val", type=int, default=64, help="validation questions (default 64)")
     synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--image-size", type=int, default=112, help="square image side in pixels (default 112)")
-    synth.add_argument("--audio-seconds", type=float, default=2.0, help="clip length (default 2.0)")
-    synth.add_argument("--colours", default="red,blue", help="comma-separated colours (default red,blue)")
-    synth.add_argument("--tones", default="low,high", help="comma-separated tones (default low,high)")
+    synth.add_argument("--demo", action="store_true",
+                       help="start from `make demo`'s media (avqa.synth.DEMO_SPEC: 56 px, 1 s, shape 0.8-1.0); "
+                       "the flags below still override")
+    synth.add_argument("--image-size", type=int, help="square image side in pixels (default 112)")
+    synth.add_argument("--audio-seconds", type=float, help="clip length (default 2.0)")
+    synth.add_argument("--colours", help="comma-separated colours (default red,blue)")
+    synth.add_argument("--tones", help="comma-separated tones (default low,high)")
     synth.add_argument("--shuffle-options", action="store_true", help="shuffle the option order per question")
-    synth.add_argument("--shape-scale", type=_scale, default=(0.4, 0.7), metavar="LOW,HIGH",
+    synth.add_argument("--shape-scale", type=_scale, metavar="LOW,HIGH",
                        help="the shape's side as a share of the image's, drawn per image (default 0.4,0.7)")
     synth.set_defaults(func=_data_synth)
 

@@ -37,6 +37,22 @@ def test_layout_and_determinism(tmp_path: Path) -> None:
     assert not {r.id for r in train} & {r.id for r in valid}
 
 
+def test_demo_preset_is_the_demo_spec_and_flags_override(tmp_path: Path) -> None:
+    import dataclasses
+
+    from avqa.synth import DEMO_SPEC
+
+    assert main(["data", "synth", "--demo", "--out", str(tmp_path / "a"), "--train", "4", "--val", "2"]) == 0
+    synth_dataset(tmp_path / "b", train=4, val=2, seed=0, spec=DEMO_SPEC)
+    assert tree_digest(tmp_path / "a") == tree_digest(tmp_path / "b")
+    train = load_records(tmp_path / "a" / "train" / "omni_rl_format_train.json")
+    assert load_image(train[0].image_path).size == (56, 56)  # the demo's small pictures
+    assert main(["data", "synth", "--demo", "--out", str(tmp_path / "c"), "--train", "4", "--val", "2",
+                 "--image-size", "84"]) == 0
+    synth_dataset(tmp_path / "d", train=4, val=2, seed=0, spec=dataclasses.replace(DEMO_SPEC, image_size=84))
+    assert tree_digest(tmp_path / "c") == tree_digest(tmp_path / "d")
+
+
 def _cues(image_path: Path, audio_path: Path) -> tuple[str, str]:
     """Read the colour and pitch back from the media, the way a perfect model would."""
     pixels = np.asarray(load_image(image_path), dtype=np.float32).reshape(-1, 3)
