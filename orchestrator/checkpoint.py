@@ -46,6 +46,14 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def last_checkpoint_words(run_dir: Path) -> str:
+    """For error messages: where ``--resume`` would continue from, also when nothing was saved yet."""
+    latest = latest_checkpoint(run_dir)
+    if latest is None:
+        return f"no checkpoint was completed yet in {checkpoint_dir(run_dir)} (--resume starts from step 0)"
+    return f"the last checkpoint is {latest}"
+
+
 def read_run_state(folder: Path) -> dict[str, Any]:
     return json.loads((folder / RUN_STATE).read_text(encoding="utf-8"))
 

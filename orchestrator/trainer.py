@@ -235,8 +235,8 @@ class Trainer:
         if self.engine_restarts > limit:
             raise RuntimeError(
                 f"rollout engine(s) {dead} died ({why}); {self.engine_restarts} engine restarts exceed "
-                f"faults.max_engine_restarts={limit}. The last checkpoint is "
-                f"{ckpt.latest_checkpoint(self.run_dir)}; continue with --resume once the cause is fixed."
+                f"faults.max_engine_restarts={limit}; {ckpt.last_checkpoint_words(self.run_dir)}. "
+                f"Continue with --resume once the cause is fixed."
             )
         self._say(f"rollout engine(s) {dead} died ({why}): restarting ({self.engine_restarts}/{limit})")
         for index in dead:
@@ -380,7 +380,7 @@ class Trainer:
                 raise RuntimeError(
                     f"{self.skipped_steps} optimizer steps skipped for non-finite loss or gradient norm "
                     f"(faults.max_nonfinite_steps={limit}); the run stops at step {step}. Lower learner.lr, "
-                    f"check the rewards, or resume from {ckpt.latest_checkpoint(self.run_dir)}."
+                    f"check the rewards, or continue with --resume: {ckpt.last_checkpoint_words(self.run_dir)}."
                 )
         values["learner/skipped_steps"] = float(self.skipped_steps)
         values["faults/engine_restarts"] = float(self.engine_restarts)
@@ -557,14 +557,16 @@ def train(
             summary["restarts"] = attempt
             return summary
         except LearnerDied as exc:
-            latest = ckpt.latest_checkpoint(Path(config.output_dir))
+            run_dir = Path(config.output_dir)
             if attempt >= config.faults.max_restarts:
                 raise RuntimeError(
-                    f"{exc}. The run stopped at step {trainer.step}; the last checkpoint is {latest}. "
+                    f"{exc}. The run stopped at step {trainer.step}; {ckpt.last_checkpoint_words(run_dir)}. "
                     f"Continue with: echoink train --config <this config> --resume "
                     f"(or set faults.max_restarts to restart automatically)"
                 ) from exc
             attempt += 1
-            trainer._say(f"{exc}; restarting from {latest or 'the start'} ({attempt}/{config.faults.max_restarts})")
+            trainer._say(
+                f"{exc}; restarting from {ckpt.latest_checkpoint(run_dir) or 'the start'} ({attempt}/{config.faults.max_restarts})"
+            )
         finally:
             trainer.shutdown()

@@ -18,7 +18,12 @@ import pytest
 from test_train_e2e_cpu import tiny_config
 
 from avqa import load_records
-from orchestrator.checkpoint import latest_checkpoint, list_checkpoints, read_run_state
+from orchestrator.checkpoint import (
+    last_checkpoint_words,
+    latest_checkpoint,
+    list_checkpoints,
+    read_run_state,
+)
 from orchestrator.metrics import read_metrics
 from orchestrator.sampler import QuestionSampler
 from orchestrator.trainer import train
@@ -114,11 +119,28 @@ def test_a_killed_learner_without_restarts_says_how_to_resume(ray_local, tiny_ch
     out = tmp_path / "run"
     config = tiny_config(tiny_checkpoint, synth_dir, out, "total_steps=50", "checkpoint.every=1")
     thread, box = run_in_thread(config)
-    wait_for_step(out, 1, thread)
+    # metrics of step 1 land before its checkpoint: wait for a completed one, else the kill can
+    # fall inside the first save and there is nothing to name
+    deadline = time.monotonic() + 300
+    while not list_checkpoints(out) and thread.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list_checkpoints(out), box.get("error")
     os.kill(json.loads((out / "placement.json").read_text())["learner_ranks"][0]["pid"], signal.SIGKILL)
     thread.join(timeout=900)
     message = str(box.get("error"))
-    assert "learner rank died" in message and "--resume" in message and "step-00000" in message
+    assert "learner rank died" in message and "--resume" in message
+    assert f"the last checkpoint is {out / 'checkpoints'}/step-0000" in message
+
+
+def test_resume_words_without_a_checkpoint_say_step_zero(tmp_path) -> None:
+    assert "no checkpoint was completed yet" in last_checkpoint_words(tmp_path)
+    assert "starts from step 0" in last_checkpoint_words(tmp_path)
+    done = tmp_path / "checkpoints" / "step-000004"
+    done.mkdir(parents=True)
+    (tmp_path / "checkpoints" / ".tmp-step-000006").mkdir()  # an unfinished save is not named
+    assert "no checkpoint" in last_checkpoint_words(tmp_path)
+    (done / "run_state.json").write_text("{}")
+    assert last_checkpoint_words(tmp_path) == f"the last checkpoint is {done}"
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(ray_local, tiny_checkpoint, synth_dir, tmp_path, monkeypatch) -> None:
