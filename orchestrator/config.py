@@ -55,6 +55,9 @@ class GRPOConfig(Section):
     adv_eps: float = Field(1e-4, gt=0.0)
     off_policy: bool = Field(False, description="one-step-off-policy: roll out step t+1 while learning step t")
     is_clip: float = Field(2.0, gt=0.0, description="truncation of importance weights when off_policy")
+    warn_no_signal_steps: int = Field(
+        5, ge=0, description="warn when every group's rewards were identical this many steps in a row; 0: never"
+    )
 
 
 class SamplingConfig(Section):

@@ -144,6 +144,7 @@ class Trainer:
         self.engines: list[Any] = []
         self.engine_restarts = 0
         self.skipped_steps = 0
+        self.no_signal_steps = 0  # consecutive steps whose every group had one reward value
         self.checkpoint_failures = 0
 
     # ------------------------------------------------------------------ setup
@@ -323,6 +324,7 @@ class Trainer:
                     pending = self._submit(step + 1)  # rolls out on the current weights while we learn
                 values = self._learn(batch)
                 self._check_skipped(values, step)
+                self._check_signal(values, step, logger)
                 if pending is not None:
                     self._collect(pending)  # engines finish the next rollout before new weights arrive
                 sync_seconds = 0.0
@@ -370,6 +372,22 @@ class Trainer:
             return summary
         finally:
             logger.close()
+
+    def _check_signal(self, values: dict[str, float], step: int, logger: MetricsLogger) -> None:
+        """Say so when GRPO has nothing to learn from: with equal rewards in every group each
+        advantage is 0 and only the KL term moves the weights (all solved, or all failed)."""
+        flat = values.get("reward/zero_advantage_groups", 0.0) >= 1.0
+        self.no_signal_steps = self.no_signal_steps + 1 if flat else 0
+        values["reward/no_signal_steps"] = float(self.no_signal_steps)
+        limit = self.config.grpo.warn_no_signal_steps
+        if limit and self.no_signal_steps == limit:
+            logger.note(
+                f"[echoink] steps {step - limit + 1}-{step}: every question's {self.config.grpo.group_size} "
+                f"completions got the same reward (accuracy {values.get('reward/accuracy', float('nan')):.2f}, "
+                f"format {values.get('reward/format', float('nan')):.2f}), so every advantage is 0 and GRPO "
+                f"learns nothing. All failed: check the rewards and the prompt, or warm start the model "
+                f"(echoink model warmstart); all solved: harder data or a larger grpo.group_size."
+            )
 
     def _check_skipped(self, values: dict[str, float], step: int) -> None:
         if values.get("learner/step_skipped", 0.0) > 0:

@@ -81,6 +81,10 @@ def test_run_folder_has_metrics_checkpoint_and_tensorboard(uninterrupted) -> Non
         assert 0 <= row["reward/format"] <= 1 and row["completion_length/mean"] <= 16
     assert rows[0]["lr"] == pytest.approx(1e-4)  # cosine starts at the base rate
     assert rows[-1]["lr"] < rows[0]["lr"]
+    streak = 0  # consecutive steps in which no group had two different rewards
+    for row in rows:
+        streak = streak + 1 if row["reward/zero_advantage_groups"] == 1.0 else 0
+        assert row["reward/no_signal_steps"] == streak
     checkpoints = list_checkpoints(out)
     assert [s for s, _ in checkpoints] == [2, 4]
     final = checkpoints[-1][1]
