@@ -361,13 +361,19 @@ def _shared_prompt_logits(model: Any, batch: ModelBatch, head: torch.nn.Module) 
     steps = torch.arange(c - 1, device=start.device)
     completion_positions = (start[:, None] + steps[None, :]).unsqueeze(0).expand(3, -1, -1)
     attention = torch.cat([inputs["attention_mask"][rows], batch.completion_mask[:, :-1].long()], dim=1)
-    with keep_last_positions(head, c - 1):
-        rest = model(
-            input_ids=batch.completion_ids[:, :-1],
-            attention_mask=attention,
-            position_ids=completion_positions,
-            past_key_values=prefix,
-            use_cache=False,
-        ).logits  # [B, C - 1, V]: completion token t predicts token t + 1
+    # The completions are text only: the thinker's forward would just embed them, run its text model
+    # and its head. Calling those directly keeps the two passes inside one call of the root module,
+    # which is where DeepSpeed ZeRO-3 starts its per-forward trace of module order: two root calls
+    # of different orders per micro-batch invalidate that trace every time, and every parameter
+    # is then released and gathered again (measured: the shared path slower than no sharing).
+    hidden = thinker.model(
+        input_ids=batch.completion_ids[:, :-1],
+        attention_mask=attention,
+        position_ids=completion_positions,
+        past_key_values=prefix,
+        use_cache=False,
+        return_dict=True,
+    ).last_hidden_state
+    rest = head(hidden)  # [B, C - 1, V]: completion token t predicts token t + 1
     return torch.cat([first[rows], rest], dim=1)
 
