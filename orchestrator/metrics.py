@@ -77,7 +77,9 @@ class MetricsLogger:
             gauge.set(float(value))
 
     def note(self, message: str) -> None:
-        self.bar.write(message)
+        """A line above the progress bar; silent like the bar when the run has no console."""
+        if not self.bar.disable:
+            self.bar.write(message)
 
     def close(self) -> None:
         if self.file.closed:

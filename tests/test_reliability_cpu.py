@@ -57,14 +57,22 @@ def run_in_thread(config, **kwargs):
     return thread, box
 
 
-def wait_for_step(run: Path, step: int, thread: threading.Thread, timeout: float = 300) -> None:
+def wait_until(ready, thread: threading.Thread, what: str, timeout: float = 300) -> None:
+    """Poll ``ready()`` while the run's thread lives."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and thread.is_alive():
-        path = run / "metrics.jsonl"
-        if path.is_file() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines() if line):
+        if ready():
             return
         time.sleep(0.2)
-    raise AssertionError(f"the run did not reach step {step}")
+    raise AssertionError(f"the run did not reach {what}")
+
+
+def wait_for_step(run: Path, step: int, thread: threading.Thread) -> None:
+    def reached() -> bool:
+        path = run / "metrics.jsonl"
+        return path.is_file() and any(json.loads(line)["step"] >= step for line in path.read_text().splitlines() if line)
+
+    wait_until(reached, thread, f"step {step}")
 
 
 def test_a_killed_engine_is_restarted_and_no_question_is_lost(ray_local, tiny_checkpoint, synth_dir, tmp_path) -> None:
@@ -121,10 +129,7 @@ def test_a_killed_learner_without_restarts_says_how_to_resume(ray_local, tiny_ch
     thread, box = run_in_thread(config)
     # metrics of step 1 land before its checkpoint: wait for a completed one, else the kill can
     # fall inside the first save and there is nothing to name
-    deadline = time.monotonic() + 300
-    while not list_checkpoints(out) and thread.is_alive() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert list_checkpoints(out), box.get("error")
+    wait_until(lambda: bool(list_checkpoints(out)), thread, "a completed checkpoint")
     os.kill(json.loads((out / "placement.json").read_text())["learner_ranks"][0]["pid"], signal.SIGKILL)
     thread.join(timeout=900)
     message = str(box.get("error"))
