@@ -92,11 +92,11 @@ def main() -> None:
             runs = [group.train_step(experiences) for _ in range(args.steps)]
         finally:
             group.kill()
-        seconds = common.median([r["learn_seconds"] for r in runs])
-        computed = runs[-1]["input_tokens"] / seconds / args.ranks
-        print(f"share_prompts={share}: {seconds:.2f} s per step, {runs[-1]['input_tokens']:.0f} computed tokens", flush=True)
+        seconds = common.median([r["timing/learn_s"] for r in runs])
+        computed = runs[-1]["learner/input_tokens"] / seconds / args.ranks
+        print(f"share_prompts={share}: {seconds:.2f} s per step, {runs[-1]['learner/input_tokens']:.0f} computed tokens", flush=True)
         return {
-            "seconds": seconds, "runs": [round(r["learn_seconds"], 2) for r in runs], "input_tokens": runs[-1]["input_tokens"],
+            "seconds": seconds, "runs": [round(r["timing/learn_s"], 2) for r in runs], "input_tokens": runs[-1]["learner/input_tokens"],
             "computed_per_gpu": computed, "mfu_6n": 6 * params * computed / common.H100_BF16_PEAK,
             "mfu_8n": 8 * params * computed / common.H100_BF16_PEAK,
             "peak_gib": max(r.get("memory/learner_peak_gb", 0.0) for r in runs),

@@ -10,10 +10,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
-
 WORK = Path(os.environ.get("ECHOINK_BENCH_DIR", "/tmp/echoink-bench"))
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (H200: the same chip)
 
@@ -40,14 +36,20 @@ def data_folder(count: int, *, image_size: int = 448, audio_seconds: float = 10.
 
 
 def start_ray(gpus: int | None = None) -> None:
+    """A local Ray whose workers, and this driver (bare vLLM baselines run here), get the actors'
+    environment (orchestrator.placement.actor_env); the GPU kit has no flashinfer sampler."""
     import ray
 
+    from orchestrator.placement import actor_env
+
+    os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
+    env = actor_env()
+    for key, value in env.items():
+        os.environ.setdefault(key, value)
     if not ray.is_initialized():
         # logical CPUs: actors mostly wait on the GPU, so give them more than the cores
-        ray.init(num_cpus=max(os.cpu_count() or 1, 16), num_gpus=gpus, log_to_driver=True, include_dashboard=False, runtime_env={
-            "env_vars": {k: os.environ[k] for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "TOKENIZERS_PARALLELISM",
-                                                     "VLLM_USE_FLASHINFER_SAMPLER", "PYTHONPATH") if k in os.environ}
-        })
+        ray.init(num_cpus=max(os.cpu_count() or 1, 16), num_gpus=gpus, log_to_driver=True, include_dashboard=False,
+                 runtime_env={"env_vars": env})
 
 
 def timed(fn: Callable[[], Any], repeats: int, warmup: int = 1) -> tuple[list[float], Any]:

@@ -11,6 +11,7 @@ from learner.grpo import LossNorm
 from learner.types import Experience, LearnerSettings
 from learner.worker import LearnerWorker
 from omni.inputs import completion_mask
+from omni.metrics import LEARNER_METRICS
 from omni.weightsync import BucketSpec, GroupInfo
 
 
@@ -32,28 +33,41 @@ def gather(futures: Sequence[Any], what: str) -> list[Any]:
     return ray.get(list(futures))
 
 
-def shard(experiences: Sequence[Experience], ranks: int, keep_prompts: bool = False) -> list[list[Experience]]:
-    """Deal completions to ranks so ranks and micro-batches get similar work; pad with zero-weight
-    copies so every rank runs the same micro-batches.
+def shard_indices(experiences: Sequence[Experience], ranks: int, keep_prompts: bool = False) -> list[list[int]]:
+    """Which experiences (by position) each rank gets, in the order it runs them.
 
     By length (longest first, round robin); with ``keep_prompts`` a question's completions stay
     together, one after another, so a rank computes their shared prompt once (whole questions go
     to the rank with the fewest sequences so far).
     """
-    shards: list[list[Experience]] = [[] for _ in range(ranks)]
+    shards: list[list[int]] = [[] for _ in range(ranks)]
     if keep_prompts:
-        questions: dict[str, list[Experience]] = {}
-        for exp in experiences:
-            questions.setdefault(exp.record.id, []).append(exp)
+        questions: dict[str, list[int]] = {}
+        for i, exp in enumerate(experiences):
+            questions.setdefault(exp.record.id, []).append(i)
         tokens = [0] * ranks
         for members in sorted(questions.values(), key=lambda m: -len(m)):
             rank = min(range(ranks), key=lambda r: (len(shards[r]), tokens[r]))
-            shards[rank].extend(sorted(members, key=lambda e: -len(e.completion_ids)))
-            tokens[rank] += sum(len(e.completion_ids) for e in members)
+            shards[rank].extend(sorted(members, key=lambda i: -len(experiences[i].completion_ids)))
+            tokens[rank] += sum(len(experiences[i].completion_ids) for i in members)
     else:
         order = sorted(range(len(experiences)), key=lambda i: (-len(experiences[i].completion_ids), i))
         for pos, i in enumerate(order):
-            shards[pos % ranks].append(experiences[i])
+            shards[pos % ranks].append(i)
+    return shards
+
+
+def shard(experiences: Sequence[Experience], ranks: int, keep_prompts: bool = False) -> list[list[Experience]]:
+    """Deal completions to ranks (:func:`shard_indices`) so ranks and micro-batches get similar
+    work; pad with zero-weight copies so every rank runs the same micro-batches (under ZeRO-3 each
+    forward gathers parameters from every rank)."""
+    return padded(experiences, shard_indices(experiences, ranks, keep_prompts))
+
+
+def padded(experiences: Sequence[Experience], order: Sequence[Sequence[int]]) -> list[list[Experience]]:
+    """Each rank's experiences by ``order`` (:func:`shard_indices`), padded at the end with
+    zero-weight copies to the longest rank's count."""
+    shards = [[experiences[i] for i in idx] for idx in order]
     longest = max(len(s) for s in shards)
     for s in shards:
         filler = s[-1] if s else experiences[0]  # the last question's prompt: already in the last micro-batch
@@ -72,16 +86,17 @@ class LearnerGroup:
             worker_cls.options(**opts).remote(settings, rank, settings.num_ranks)
             for rank, opts in enumerate(actor_options)
         ]
-        addr, port = ray.get(self.workers[0].address.remote())
+        addr, port = gather([self.workers[0].address.remote()], "setup")[0]
         self.setup_info = gather([w.setup.remote(addr, port) for w in self.workers], "setup")
-        self.eos_ids = ray.get(self.workers[0].eos_token_ids.remote())
+        self.eos_ids = gather([self.workers[0].eos_token_ids.remote()], "setup")[0]
 
     def _norm(self, experiences: Sequence[Experience]) -> LossNorm:
         tokens = sum(sum(completion_mask(e.completion_ids, self.eos_ids)) for e in experiences)
         return LossNorm(sequences=len(experiences), tokens=float(tokens), length=self.settings.max_new_tokens)
 
     def train_step(self, experiences: Sequence[Experience]) -> dict[str, float]:
-        """One optimizer step on the whole batch; returns averaged metrics."""
+        """One optimizer step on the whole batch; returns the step's learner metrics (the names of
+        ``omni.metrics.LEARNER_METRICS``, see :func:`combine`)."""
         if not experiences:
             raise ValueError("train_step needs at least one experience")
         norm = self._norm(experiences)
@@ -90,19 +105,46 @@ class LearnerGroup:
         return combine(parts)
 
     def compute_logprobs(self, experiences: Sequence[Experience], reference: bool = False) -> list[list[float]]:
-        return ray.get(self.workers[0].compute_logprobs.remote(list(experiences), reference))
+        """Per-token log-probs of each completion (through its end-of-turn token), in input order.
+
+        Every rank takes part: under ZeRO-3 a forward gathers each layer's parameters from all
+        ranks, so a forward on one rank alone would wait for the others until the collective
+        timeout. The experiences are dealt like a train step's (same micro-batches on every rank,
+        padded with copies whose results are dropped), so each rank computes its share only.
+        """
+        if not experiences:
+            return []
+        keep = self.settings.share_prompts
+        order = shard_indices(experiences, len(self.workers), keep_prompts=keep)
+        shards = padded(experiences, order)
+        parts = gather(
+            [w.compute_logprobs.remote(s, reference) for w, s in zip(self.workers, shards, strict=True)],
+            "computing log-probs",
+        )
+        out: list[list[float] | None] = [None] * len(experiences)
+        for indices, rows in zip(order, parts, strict=True):
+            for i, row in zip(indices, rows, strict=False):  # rows past the indices are padding
+                out[i] = row
+        missing = [i for i, row in enumerate(out) if row is None]
+        if missing:
+            raise RuntimeError(f"compute_logprobs: no result for experiences {missing[:5]}")
+        return out  # type: ignore[return-value]
 
     # weights ----------------------------------------------------------------
     def weight_specs(self, bucket_bytes: int) -> list[BucketSpec]:
-        return ray.get(self.workers[0].weight_specs.remote(bucket_bytes))
+        return gather([self.workers[0].weight_specs.remote(bucket_bytes)], "planning the weight buckets")[0]
 
     def init_weight_sync(self, info: GroupInfo) -> Any:
         """Returns rank 0's future: it completes once every engine has joined too."""
         return self.workers[0].init_weight_sync.remote(info)
 
-    def send_weights(self, specs: Sequence[BucketSpec]) -> list[Any]:
-        """Futures of every rank's part of one push (rank 0 sends, others join ZeRO-3 gathers)."""
-        return [w.send_weights.remote(list(specs)) for w in self.workers]
+    def send_weights(self, specs: Sequence[BucketSpec], channels: Sequence[Any] | None = None) -> list[Any]:
+        """Futures of every rank's part of one push: rank 0 broadcasts and the others join ZeRO-3
+        gathers, or, with ``channels`` (colocated: one per rank's engine), each rank hands its
+        weights to its own engine."""
+        if channels is not None and len(channels) != len(self.workers):
+            raise ValueError(f"{len(channels)} hand-over channels for {len(self.workers)} learner ranks")
+        return [w.send_weights.remote(list(specs), channels[r] if channels else None) for r, w in enumerate(self.workers)]
 
     def named_weights(self, names: Sequence[str] | None = None) -> list[tuple[str, Any]]:
         parts = gather([w.named_weights.remote(names) for w in self.workers], "gathering weights")
@@ -120,31 +162,49 @@ class LearnerGroup:
             ray.kill(w)
 
 
+HELPER_PREFIX = "_"  # parts that only serve a division (``_sampled_tokens``): never a metric
+# the count each averaged rule divides by: a metric of the table or a helper count of the parts
+DENOMINATORS = {"per_token": "learner/tokens", "per_sampled_token": "_sampled_tokens"}
+
+
 def combine(parts: Sequence[dict[str, float]]) -> dict[str, float]:
-    """Rank sums → step metrics."""
-    total: dict[str, float] = {}
-    for key in ("loss", "logp_sum", "tokens", "sequences", "kl_sum", "clip_sum", "input_tokens", "mismatch_sum",
-                "logp_gap_sum", "mismatch_tokens", "nonfinite_loss"):
-        total[key] = sum(p.get(key, 0.0) for p in parts)
-    tokens = max(total["tokens"], 1.0)
-    out = {
-        "loss": total["loss"],
-        "kl": total["kl_sum"] / tokens,
-        "logprob_mean": total["logp_sum"] / tokens,  # mean log π of the trained tokens (−NLL)
-        "clip_fraction": total["clip_sum"] / tokens,
-        "grad_norm": parts[0]["grad_norm"],
-        "lr": parts[0]["lr"],
-        "tokens": total["tokens"],
-        "sequences": total["sequences"],
-        "input_tokens": total["input_tokens"],
-        "learn_seconds": max(p["learn_seconds"] for p in parts),
-        "nonfinite_loss": total["nonfinite_loss"],
-        "skipped": max(p.get("skipped", 0.0) for p in parts),
-    }
-    if total["mismatch_tokens"] > 0:
-        out["mismatch/token_prob_error"] = total["mismatch_sum"] / total["mismatch_tokens"]
-        out["mismatch/logprob_abs_error"] = total["logp_gap_sum"] / total["mismatch_tokens"]
-    peaks = [p["peak_memory_gb"] for p in parts if "peak_memory_gb" in p]
-    if peaks:
-        out["memory/learner_peak_gb"] = max(peaks)
+    """The ranks' parts (rank 0 first) → the step's learner metrics, by each metric's ``combine``
+    rule in ``omni.metrics.LEARNER_METRICS``.
+
+    A metric is in the result when some rank reported it (no GPU: no memory) and, for an average
+    over sampled tokens, when some token had a sampler log-prob (else no mismatch metrics); an
+    average over trained tokens of a step without any is 0. A part that the table does not name
+    is an error: it would be computed and silently dropped.
+    """
+    if not parts:
+        raise ValueError("combine needs the parts of at least one rank")
+    known = {m.name for m in LEARNER_METRICS}
+    strays = sorted({k for p in parts for k in p if k not in known and not k.startswith(HELPER_PREFIX)})
+    if strays:
+        raise ValueError(f"learner rank(s) reported metrics that omni.metrics does not list: {strays}")
+    out: dict[str, float] = {}
+    for metric in LEARNER_METRICS:
+        values = [p[metric.name] for p in parts if metric.name in p]
+        if not values:
+            continue
+        rule = metric.combine
+        if rule == "sum":
+            out[metric.name] = float(sum(values))
+        elif rule == "max":
+            out[metric.name] = float(max(values))
+        elif rule == "min":
+            out[metric.name] = float(min(values))
+        elif rule == "first":
+            if metric.name not in parts[0]:
+                raise ValueError(f"{metric.name}: rank 0 did not report it (combine 'first' takes rank 0's)")
+            out[metric.name] = float(parts[0][metric.name])
+        elif rule in DENOMINATORS:
+            name = DENOMINATORS[rule]
+            count = sum(p.get(name, 0.0) for p in parts)
+            if rule == "per_token":
+                out[metric.name] = float(sum(values)) / max(count, 1.0)
+            elif count > 0:
+                out[metric.name] = float(sum(values)) / count
+        else:
+            raise ValueError(f"{metric.name}: unknown combine rule {rule!r} in omni.metrics")
     return out

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from avqa import Record
@@ -24,7 +24,7 @@ class Experience:
 class LearnerSettings:
     model_path: Path
     num_ranks: int = 1
-    zero_stage: int = 2
+    zero_stage: int = 3
     dtype: str = "auto"  # auto: bfloat16 on GPUs, float32 on CPUs
     gradient_checkpointing: bool = True
     micro_batch_size: int = 4
@@ -56,11 +56,5 @@ class LearnerSettings:
     system_prompt: str | None = None
     random_init: bool = False  # benchmarks: random weights from config.json, no checkpoint read
     collective_timeout_s: float = 1800.0  # a rank stuck in a collective fails after this
+    release_memory: bool = False  # colocated on a GPU: return cached blocks after each step and push
     train: bool = True  # False: weights only, no optimizer (weight-sync benchmarks)
-
-
-@dataclass
-class StepMetrics:
-    """Averaged over the step's real (non-padding) sequences and tokens."""
-
-    values: dict[str, float] = field(default_factory=dict)

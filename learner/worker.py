@@ -8,12 +8,14 @@ It also streams its weights to the rollout engines and writes loadable checkpoin
 from __future__ import annotations
 
 import datetime
+import math
 import os
 import socket
 import time
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from learner.grpo import LossNorm, policy_loss
 from learner.schedule import lr_multiplier
 from learner.types import Experience, LearnerSettings
 from omni.failpoints import failpoint
+from omni.handoff import Channel, Stager, send_over
 from omni.inputs import (
     ModelBatch,
     PromptFeatures,
@@ -35,7 +38,14 @@ from omni.inputs import (
     media_token_ids,
     prepare_prompt,
 )
-from omni.names import require_safetensors, to_learner_name, to_vllm_name
+from omni.names import (
+    head_is_tied,
+    require_safetensors,
+    to_learner_name,
+    to_vllm_name,
+    without_tied_head,
+)
+from omni.quiet import quiet_default_talker_warnings
 from omni.weightsync import (
     BucketSpec,
     GroupInfo,
@@ -47,11 +57,9 @@ from omni.weightsync import (
 )
 
 TRAIN_STATE_DIR = "train_state"
+HANDOFF_IN_FLIGHT = 2  # buckets staged for a colocated engine at once: extra memory of two buckets
 TRAIN_STATE_TAG = "state"
 
-
-# DeepSpeed 0.19 calls the deprecated name on every ZeRO gather; torch warns each time
-warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated", category=FutureWarning)
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -96,6 +104,7 @@ class LearnerWorker:
         self.rank = rank
         self.world_size = world_size
         self.sync: SyncGroup | None = None
+        self.stager: Stager | None = None  # colocated placement: buffers handed to this rank's engine
         self.steps_done = 0
 
     def address(self) -> tuple[str, int]:
@@ -112,6 +121,14 @@ class LearnerWorker:
             MASTER_PORT=str(master_port),
         )
         started = time.perf_counter()
+        # This actor's process is the rank's alone, so these process-wide settings stay with it:
+        # DeepSpeed 0.19 calls torch's deprecated all-gather name on every ZeRO gather and torch
+        # warns each time; transformers warns about its default talker config when the
+        # checkpoint's Qwen2.5-Omni config is loaded (omni.quiet).
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated", category=FutureWarning
+        )
+        quiet_default_talker_warnings()
         import deepspeed
 
         self.cuda = torch.cuda.is_available()
@@ -133,6 +150,7 @@ class LearnerWorker:
             self.dtype = getattr(torch, s.dtype)
         self.ds_config = self._ds_config()
         model = self._build_model(trainable=True)
+        self._progress(f"model built ({time.perf_counter() - started:.0f} s)")
         if s.freeze_audio_tower:
             model.audio_tower.requires_grad_(False)
         if s.freeze_vision_tower:
@@ -166,6 +184,7 @@ class LearnerWorker:
             inference = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "managed_gradient_accumulation")}
             self.engine, *_ = deepspeed.initialize(model=model, config=inference)
             self.optimizer = self.scheduler = None
+        self._progress(f"DeepSpeed ZeRO-{s.zero_stage} engine ready ({time.perf_counter() - started:.0f} s)")
         self.reference = self._build_reference() if s.beta > 0 else None
         self.processor = load_processor(s.model_path)
         tokenizer = self.processor.tokenizer
@@ -187,6 +206,11 @@ class LearnerWorker:
             "parameters": sum(_numel(p) for p in self.named_params.values()),
             "trainable": sum(_numel(p) for p in self.named_params.values() if p.requires_grad),
         }
+
+    def _progress(self, message: str) -> None:
+        """Set-up of a large model takes minutes: say where it is (Ray forwards it to the driver)."""
+        if self.rank == 0:
+            print(f"[echoink] learner: {message}", flush=True)
 
     def _ds_config(self) -> dict[str, Any]:
         s = self.settings
@@ -251,7 +275,11 @@ class LearnerWorker:
         elif s.random_init:
             config = AutoConfig.from_pretrained(str(s.model_path), local_files_only=True)
             thinker_config = getattr(config, "thinker_config", config)
-            model = Thinker._from_config(thinker_config, attn_implementation=s.attn_implementation, dtype=self.dtype)
+            # the same seed for the policy and the reference (they start equal, as from a checkpoint);
+            # built on the device: initialising billions of weights on the host's CPU takes minutes
+            torch.manual_seed(s.seed)
+            with torch.device(self.device):
+                model = Thinker._from_config(thinker_config, attn_implementation=s.attn_implementation, dtype=self.dtype)
         else:
             model = Thinker.from_pretrained(
                 str(s.model_path),
@@ -347,13 +375,23 @@ class LearnerWorker:
     def train_step(self, experiences: Sequence[Experience], norm: LossNorm) -> dict[str, float]:
         """Forward/backward over micro-batches of this rank's share, then one optimizer step.
 
-        Returns sums over real sequences and tokens (the group turns them into averages).
+        Returns this rank's parts of the step's learner metrics, keyed by their names in
+        ``omni.metrics`` and shaped for each metric's ``combine`` rule (``learner.group.combine``
+        turns the ranks' parts into the step's values): "sum" metrics are this rank's sums;
+        "per_token" ones Σ value × tokens over the trained (real) tokens; "per_sampled_token" ones
+        Σ over the trained tokens that have a sampler log-prob, whose count is the helper
+        ``_sampled_tokens`` (helpers start with "_" and are no metric); "max"/"min"/"first" ones the
+        rank's own value. Padding sequences add nothing.
         """
         s = self.settings
         started = time.perf_counter()
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats()  # the step's own peak, not the run's
         self.engine.train()
         cache: dict[str, PromptFeatures] = {}
-        sums: dict[str, float] = defaultdict(float)
+        parts: dict[str, float] = defaultdict(float)
+        parts["learner/nonfinite_loss"] = 0.0  # reported when nothing went wrong too
+        ratio_max, ratio_min = -math.inf, math.inf
         lr = float(self.scheduler.get_last_lr()[0])
         for start in range(0, len(experiences), s.micro_batch_size):
             micro = experiences[start : start + s.micro_batch_size]
@@ -366,13 +404,22 @@ class LearnerWorker:
             if self.reference is not None:
                 with torch.no_grad():
                     ref_logp = self._logprobs(self.reference, batch)
-            sampler = _pad_logprobs([e.sampler_logprobs for e in micro], logp.shape, self.device)
+            sampled = sampler_logprobs([e.sampler_logprobs for e in micro], mask)
             old_logp, is_weights = logp.detach(), None
-            if s.off_policy and sampler is not None:
+            if s.off_policy and sampled is not None:
+                # A token without a sampler log-prob is treated as on-policy: its ratio π/π_old
+                # and its importance weight are 1. Its weight π/μ is unknown, and 1 is that
+                # weight's expectation under the sampler (E_μ[π/μ] = 1): the token keeps its
+                # uncorrected gradient, as with no correction at all, and stays in the loss's
+                # normalisation like every other trained token, so a rare gap changes the step
+                # little. A weight of 0 (masking the token) would drop its gradient and shrink its
+                # completion's share instead; reading log μ as 0 gave the weight π (< 1), which
+                # shrank exactly the tokens that vLLM failed to report.
                 if s.clip_eps is not None:
-                    old_logp = sampler  # PPO's clipped ratio against the sampling policy
+                    old_logp = torch.where(sampled.known, sampled.logprobs, logp.detach())  # PPO's clip against the sampler
                 else:  # truncated importance weights from the sampler to the current policy
-                    is_weights = torch.exp(logp.detach() - sampler).clamp(max=s.is_clip) * mask
+                    weights = torch.exp(logp.detach() - sampled.logprobs).clamp(max=s.is_clip)
+                    is_weights = torch.where(sampled.known, weights, torch.ones_like(weights)) * mask
             loss, metrics = policy_loss(
                 logp,
                 old_logp,
@@ -389,34 +436,44 @@ class LearnerWorker:
             if failpoint("learner.loss") == "nan":
                 loss = loss * float("nan")
             if not torch.isfinite(loss):
-                sums["nonfinite_loss"] += 1.0
+                parts["learner/nonfinite_loss"] += 1.0
             # DeepSpeed averages gradients over ranks; the shares already sum to the batch loss
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
             tokens = float(mask.sum())
-            sums["loss"] += float(loss.detach())
-            sums["tokens"] += tokens
-            sums["logp_sum"] += float((logp.detach() * mask).sum())
-            sums["sequences"] += float(real.sum())
-            sums["kl_sum"] += metrics["kl"] * tokens
-            sums["clip_sum"] += metrics["clip_fraction"] * tokens
-            sums["input_tokens"] += float((batch.input_tokens * real).sum())
-            if sampler is not None:
-                probs_gap = (torch.exp(logp.detach()) - torch.exp(sampler)).abs() * mask
-                sums["mismatch_sum"] += float(probs_gap.sum())
-                sums["logp_gap_sum"] += float(((logp.detach() - sampler).abs() * mask).sum())
-                sums["mismatch_tokens"] += tokens
+            parts["loss"] += float(loss.detach())
+            parts["learner/tokens"] += tokens
+            parts["learner/input_tokens"] += float((batch.input_tokens * real).sum())
+            parts["logprob_mean"] += float((logp.detach() * mask).sum())
+            parts["kl"] += metrics["kl"] * tokens
+            parts["clip_fraction"] += metrics["clip_fraction"] * tokens
+            parts["ratio/mean"] += metrics["ratio/mean"] * tokens
+            if tokens > 0:  # a micro-batch of padding alone reports a ratio of 1 that no token has
+                ratio_max = max(ratio_max, metrics["ratio/max"])
+                ratio_min = min(ratio_min, metrics["ratio/min"])
+            if sampled is not None:
+                detached = logp.detach()
+                zero = torch.zeros_like(detached)
+                prob_gap = torch.where(sampled.known, (torch.exp(detached) - torch.exp(sampled.logprobs)).abs(), zero)
+                logp_gap = torch.where(sampled.known, (detached - sampled.logprobs).abs(), zero)
+                parts["mismatch/token_prob_error"] += float(prob_gap.sum())
+                parts["mismatch/logprob_abs_error"] += float(logp_gap.sum())
+                parts["mismatch/missing_logprobs"] += float(sampled.missing.sum())
+                parts["_sampled_tokens"] += float(sampled.known.sum())
         skipped_before = self.engine.skipped_steps
         self.engine.step()  # DeepSpeed skips the update (and clears the gradients) on a non-finite norm
-        sums["skipped"] = float(self.engine.skipped_steps - skipped_before)
+        parts["learner/step_skipped"] = float(self.engine.skipped_steps - skipped_before)
         grad_norm = self.engine.get_global_grad_norm()
-        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
         self.steps_done += 1
-        sums["grad_norm"] = grad_norm
-        sums["lr"] = lr
-        sums["learn_seconds"] = time.perf_counter() - started
+        parts["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        parts["lr"] = lr
+        if ratio_max >= ratio_min:  # at least one trained token on this rank
+            parts["ratio/max"], parts["ratio/min"] = ratio_max, ratio_min
         if self.cuda:
-            sums["peak_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
-        return dict(sums)
+            parts["memory/learner_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
+            if s.release_memory:  # a colocated engine wakes into what the step's activations held
+                torch.cuda.empty_cache()
+        parts["timing/learn_s"] = time.perf_counter() - started
+        return dict(parts)
 
     @torch.no_grad()
     def compute_logprobs(self, experiences: Sequence[Experience], reference: bool = False) -> list[list[float]]:
@@ -447,23 +504,25 @@ class LearnerWorker:
         return list(self.named_params.items())
 
     def weight_specs(self, bucket_bytes: int) -> list[BucketSpec]:
+        # a tied head is the embedding matrix: vLLM's shares its storage, so it is not pushed
+        named = without_tied_head(self._ordered_params(), tied=head_is_tied(self.settings.model_path))
         return plan_buckets(
-            ((to_vllm_name(n), _full_shape(p), self.dtype if p.is_floating_point() else p.dtype) for n, p in self._ordered_params()),
+            ((to_vllm_name(n), _full_shape(p), self.dtype if p.is_floating_point() else p.dtype) for n, p in named),
             bucket_bytes,
         )
 
-    def _gathered(self, specs: Sequence[BucketSpec]) -> Iterator[list[torch.Tensor] | None]:
-        """Per bucket, the full tensors on rank 0 (None on other ranks, which join the gathers)."""
+    def _gathered(self, specs: Sequence[BucketSpec], everyone: bool = False) -> Iterator[list[torch.Tensor] | None]:
+        """Per bucket, the full tensors on rank 0 (on every rank with ``everyone``; else None on
+        the other ranks, which join the gathers)."""
         import deepspeed
 
-        zero3 = self.settings.zero_stage == 3
+        mine = everyone or self.rank == 0
         for spec in specs:
             params = [self.named_params[to_learner_name(t.name)] for t in spec.tensors]
-            if zero3:
-                with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                    yield [p.data.to(self.dtype) if p.is_floating_point() else p.data for p in params] if self.rank == 0 else None
-            else:
-                yield [p.data.to(self.dtype) if p.is_floating_point() else p.data for p in params] if self.rank == 0 else None
+            # ZeRO-3 gathers each bucket's parameters from every rank (a collective); ZeRO-2
+            # ranks hold them whole already
+            with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.settings.zero_stage == 3):
+                yield [p.data.to(self.dtype) if p.is_floating_point() else p.data for p in params] if mine else None
 
     def init_weight_sync(self, info: GroupInfo) -> bool:
         """Rank 0 joins the sync group as its rank 0 (blocks until every engine worker has joined)."""
@@ -471,11 +530,21 @@ class LearnerWorker:
             self.sync = SyncGroup(info, 0, device=self.device)
         return True
 
-    def send_weights(self, specs: Sequence[BucketSpec]) -> dict[str, float]:
-        """Stream every weight to the engines (all ranks call this: ZeRO-3 gathers are collective)."""
+    def send_weights(self, specs: Sequence[BucketSpec], channel: Channel | None = None) -> dict[str, float]:
+        """Stream every weight to the engines (all ranks call this: ZeRO-3 gathers are collective).
+
+        With a ``channel`` (colocated placement) this rank hands its full weights over to the
+        engine that shares its node or GPU (`omni.handoff`: shared memory on CPUs, CUDA IPC on
+        GPUs); without, rank 0 broadcasts them to every engine over the sync group.
+        """
+        failpoint("learner.push")  # tests: a rank that dies during a push
         started = time.perf_counter()
         sent = 0
-        if self.rank == 0:
+        if channel is not None:
+            if self.stager is None:  # kept: the engine keeps the CUDA buffers it opened
+                self.stager = Stager(self.device, in_flight=HANDOFF_IN_FLIGHT)
+            sent = send_over(self.stager, channel, specs, self._gathered(specs, everyone=True))
+        elif self.rank == 0:
             if self.sync is None:
                 raise RuntimeError("init_weight_sync was not called on rank 0")
             buckets = (
@@ -488,9 +557,11 @@ class LearnerWorker:
                 pass
         if self.cuda:
             torch.cuda.synchronize()
+            if self.settings.release_memory:
+                torch.cuda.empty_cache()  # ZeRO-3's gathered copies: give them back before the engine wakes
         return {"bytes": float(sent), "seconds": time.perf_counter() - started}
 
-    def send_raw(self, sizes: Sequence[int], repeats: int = 1) -> dict[str, float]:
+    def send_raw(self, sizes: Sequence[int]) -> dict[str, float]:
         """Rank 0: broadcast ready buffers of ``sizes`` bytes (the transport baseline for benchmarks)."""
         if self.rank != 0 or self.sync is None:
             return {"bytes": 0.0, "seconds": 0.0}
@@ -571,11 +642,43 @@ def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(shape) if shape is not None else tuple(param.shape)
 
 
-def _pad_logprobs(rows: Sequence[list[float] | None], shape: torch.Size, device: torch.device) -> torch.Tensor | None:
-    if any(r is None for r in rows):
+@dataclass(frozen=True)
+class SamplerLogprobs:
+    """The sampler's (vLLM's) log-probs of a micro-batch's completion tokens, [B, C] each."""
+
+    logprobs: torch.Tensor  # float32; NaN where unknown
+    known: torch.Tensor  # bool: a trained token (in the mask) with a finite sampler log-prob
+    missing: torch.Tensor  # bool: a trained token of a completion that came with log-probs, lacking one
+
+
+def sampler_logprobs(rows: Sequence[Sequence[float] | None], mask: torch.Tensor) -> SamplerLogprobs | None:
+    """Line up each completion's sampler log-probs with its tokens; ``None`` when no completion
+    carries any (batches built without a sampler: nothing to compare or to weight).
+
+    A missing entry (a list shorter than the completion) or a non-finite one is unknown, never
+    0, which would mean "the sampler was certain" and skew the mismatch metrics and the
+    importance weights. Unknown tokens of a completion that came with log-probs are ``missing``
+    (counted as ``mismatch/missing_logprobs``); a completion without any (``None``) is not
+    counted: nothing was asked of a sampler for it.
+    """
+    if all(row is None for row in rows):
         return None
-    out = torch.zeros(shape, dtype=torch.float32, device=device)
+    if len(rows) != mask.shape[0]:
+        raise ValueError(f"{len(rows)} rows of sampler log-probs for a batch of {mask.shape[0]} completions")
+    values = torch.full(mask.shape, math.nan, dtype=torch.float32)
+    given = torch.zeros(mask.shape[0], dtype=torch.bool)
     for i, row in enumerate(rows):
-        n = min(len(row), shape[1])
-        out[i, :n] = torch.tensor(row[:n], dtype=torch.float32)
-    return torch.nan_to_num(out, nan=0.0)
+        if row is None:
+            continue
+        given[i] = True
+        n = min(len(row), mask.shape[1])
+        if n:
+            values[i, :n] = torch.tensor(list(row[:n]), dtype=torch.float32)
+    values = values.to(mask.device)
+    finite = torch.isfinite(values)
+    trained = mask > 0
+    return SamplerLogprobs(
+        logprobs=values,
+        known=finite & trained,
+        missing=~finite & trained & given.to(mask.device).unsqueeze(1),
+    )

@@ -32,18 +32,3 @@ __all__ = [
     "to_vllm_name",
 ]
 
-
-def _quiet_default_talker_warnings() -> None:
-    """transformers 5 builds a *default* talker config whenever it serialises a Qwen2.5-Omni config
-    and then warns that the default's own token ids lie outside the default's 8,448-token vocabulary.
-    The warning is about transformers' defaults, not this checkpoint; drop exactly that one."""
-    import logging
-
-    class _Filter(logging.Filter):
-        def filter(self, record: logging.LogRecord) -> bool:
-            return "integer within the vocabulary (between 0 and 8447)" not in record.getMessage()
-
-    logging.getLogger("transformers.configuration_utils").addFilter(_Filter())
-
-
-_quiet_default_talker_warnings()

@@ -71,6 +71,9 @@ def load_processor(model_path: str | Path) -> Any:
     """The checkpoint's own processor, from the local folder only (nothing is downloaded)."""
     from transformers import AutoProcessor
 
+    from omni.quiet import quiet_default_talker_warnings
+
+    quiet_default_talker_warnings()
     return AutoProcessor.from_pretrained(str(model_path), local_files_only=True)
 
 

@@ -27,16 +27,20 @@ from tokenizers import (
     trainers,
 )
 
+import avqa
+from omni.names import LM_HEAD
+from omni.quiet import quiet_default_talker_warnings
+
 __all__ = ["LAYOUTS", "SPECIAL_TOKENS", "TAG_TOKENS", "TinySizes", "build_tiny_checkpoint"]
 
 HEAD_DIM = 64  # the only text head size the vLLM CPU attention kernel is known to accept here
-SAMPLING_RATE = 16_000
+SAMPLING_RATE = avqa.SAMPLE_RATE
 NUM_MEL_BINS = 128
 PATCH_SIZE = 14
 MERGE_SIZE = 2
 TEMPORAL_PATCH_SIZE = 2
-MIN_PIXELS = 4 * 28 * 28
-MAX_PIXELS = 256 * 28 * 28
+MIN_PIXELS = avqa.MIN_PIXELS  # the processor's own limits: the task's (one place for them)
+MAX_PIXELS = avqa.MAX_PIXELS
 BASE_VOCAB_TARGET = 2048
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 
@@ -151,6 +155,9 @@ class TinySizes:
     audio_ffn: int = 128
     head_dim: int = HEAD_DIM
     vocab_size: int | None = None  # None: exactly the tokenizer's size; larger pads the tokenizer
+    # One matrix for the input embeddings and the LM head. Written at every level of the config:
+    # transformers ties from the thinker config's flag, vLLM 0.32 from the top-level one.
+    tie_word_embeddings: bool = False
 
     def __post_init__(self) -> None:
         _require(
@@ -187,8 +194,9 @@ def _require(condition: bool, message: str) -> None:
         raise ValueError(f"TinySizes: {message}")
 
 
-# Named layouts. "7b" is the released Qwen2.5-Omni-7B thinker (ENVIRONMENT.md); "2b" a ~1.5B
-# language model with smaller towers (one-GPU learner benchmarks); "small" a GPU smoke test.
+# Named layouts. "7b" is the released Qwen2.5-Omni-7B thinker (ENVIRONMENT.md); "3b" the released
+# Qwen2.5-Omni-3B thinker (sources next to it); "2b" a ~1.5B language model with smaller towers
+# (one-GPU learner benchmarks); "small" a GPU smoke test.
 LAYOUTS: dict[str, TinySizes] = {
     "tiny": TinySizes(),
     "small": TinySizes(
@@ -200,6 +208,30 @@ LAYOUTS: dict[str, TinySizes] = {
         hidden_size=1536, num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
         intermediate_size=8960, vision_depth=16, vision_hidden=1024, vision_heads=16,
         vision_intermediate=2816, audio_layers=16, audio_d_model=1024, audio_heads=16, audio_ffn=4096,
+        head_dim=128, vocab_size=151936,
+    ),
+    # Qwen2.5-Omni-3B thinker. Text model: hidden 2048, 36 layers, 16 heads, 2 KV heads (head 128),
+    # intermediate 11008, vocab 151936 (issue 14; the same numbers in the Qwen2.5-3B language model
+    # of Qwen2.5-VL-3B's config). Audio tower: d_model 1280, 32 layers, 20 heads, ffn 5120, 128 mel
+    # bins, output 2048; text hidden 2048 and intermediate 11008 again: a thinker config in this
+    # layout, https://huggingface.co/OpenMOSS-Team/RoboOmni-LIBERO-Object/blob/main/config.json
+    # (architecture Qwen2_5OmniThinkerForConditionalGeneration). Vision tower: depth 32, hidden 1280,
+    # 16 heads, patch 14, output 2048: https://blog.gitcode.com/37757bc995fb5e4b2f2b185522175a18.html
+    # (a walk through the 3B); intermediate 3420 as in every Qwen2.5-VL tower (the 7B's here,
+    # ENVIRONMENT.md; Qwen2.5-VL-3B's config).
+    # Parameters (Qwen2_5OmniThinkerForConditionalGeneration on the meta device): 4,703,464,448 =
+    # text 3,085,938,688 (Qwen2.5-3B's 3.09B) + head 311,164,928 + vision 668,684,288 + audio
+    # 637,676,544; with a tied head 4,392,299,520.
+    # Head untied, by that count: the 3B thinker extracted alone,
+    # https://huggingface.co/ytaek-oh/Qwen2.5-Omni-3B-Thinker, shows "5B params", and only the
+    # untied count rounds to 5B (the 7B thinker extracted alone,
+    # https://huggingface.co/Tevatron/Qwen2.5-Omni-7B-Thinker, shows 9B; the 7b layout counts
+    # 8,931,813,888). No copy of the released config.json was found to read tie_word_embeddings
+    # from; a tied head is pushed correctly too (omni/names.py, tests/test_omni_handoff_cpu.py).
+    "3b": TinySizes(
+        hidden_size=2048, num_hidden_layers=36, num_attention_heads=16, num_key_value_heads=2,
+        intermediate_size=11008, vision_depth=32, vision_hidden=1280, vision_heads=16,
+        vision_intermediate=3420, audio_layers=32, audio_d_model=1280, audio_heads=20, audio_ffn=5120,
         head_dim=128, vocab_size=151936,
     ),
     "7b": TinySizes(
@@ -220,6 +252,7 @@ def build_tiny_checkpoint(
     ``weights=False`` writes the folder without weights, for vLLM's ``load_format="dummy"`` and the
     learner's random initialisation (large layouts on GPUs).
     """
+    quiet_default_talker_warnings()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = _save_processor(out, pad_to=sizes.vocab_size)
@@ -228,7 +261,7 @@ def build_tiny_checkpoint(
     config.save_pretrained(out)
     _save_generation_config(out, ids)
     if weights:
-        _save_weights(out, config.thinker_config, seed)
+        _save_weights(out, config.thinker_config, seed, tied=sizes.tie_word_embeddings)
     return out
 
 
@@ -455,7 +488,7 @@ def _text_config(sizes: TinySizes, ids: dict[str, int], vocab_size: int) -> dict
             "mrope_section": sizes.mrope_section,
         },
         "use_sliding_window": False,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": sizes.tie_word_embeddings,
         "bos_token_id": ids[_PAD],
         "eos_token_id": ids[_EOS],
         "pad_token_id": ids[_PAD],
@@ -563,7 +596,7 @@ def _omni_config(sizes: TinySizes, ids: dict[str, int], vocab_size: int) -> Any:
         "position_id_per_seconds": 25,
         "seconds_per_chunk": 2,
         "initializer_range": 0.02,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": sizes.tie_word_embeddings,
         "bos_token_id": ids[_PAD],
         "eos_token_id": ids[_EOS],
         "pad_token_id": ids[_PAD],
@@ -573,7 +606,8 @@ def _omni_config(sizes: TinySizes, ids: dict[str, int], vocab_size: int) -> Any:
         talker_config=_talker_config(sizes, ids, vocab_size),
         token2wav_config=_token2wav_config(),
         enable_audio_output=False,
-        tie_word_embeddings=False,
+        # vLLM (0.32) ties its language model's head from this top-level flag, not the thinker's
+        tie_word_embeddings=sizes.tie_word_embeddings,
     )
     config.architectures = ["Qwen2_5OmniModel"]
     config.dtype = torch.float32
@@ -593,14 +627,20 @@ def _save_generation_config(out: Path, ids: dict[str, int]) -> None:
 # --------------------------------------------------------------------------- weights
 
 
-def _save_weights(out: Path, thinker_config: Any, seed: int) -> None:
-    """Instantiate the HF thinker under ``seed`` and save its state dict as ``thinker.*`` float32."""
+def _save_weights(out: Path, thinker_config: Any, seed: int, *, tied: bool = False) -> None:
+    """Instantiate the HF thinker under ``seed`` and save its state dict as ``thinker.*`` float32.
+
+    A tied head is left out, as transformers' own save does: its state dict names the shared
+    matrix twice, and both loaders rebuild the head from the embeddings.
+    """
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     with torch.random.fork_rng(devices=[]):  # leave the caller's RNG state alone
         torch.manual_seed(seed)
         model = Qwen2_5OmniThinkerForConditionalGeneration(thinker_config).to(torch.float32)
     tensors = {
-        f"thinker.{name}": t.detach().clone().contiguous() for name, t in model.state_dict().items()
+        f"thinker.{name}": t.detach().clone().contiguous()
+        for name, t in model.state_dict().items()
+        if not (tied and name == LM_HEAD)
     }
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})

@@ -156,10 +156,6 @@ class SyncGroup:
         opts.timeout = datetime.timedelta(seconds=self.info.timeout_s)
         return self.group.broadcast([tensor], opts)
 
-    def barrier(self) -> None:
-        flag = torch.zeros(1, device=self.device)
-        self.group.allreduce([flag]).wait()
-
 
 def send_buckets(group: SyncGroup, buckets: Iterable[torch.Tensor]) -> int:
     """Rank 0: broadcast each packed bucket; returns bytes sent. One bucket in flight behind the next."""

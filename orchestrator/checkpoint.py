@@ -117,3 +117,17 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep the rows of steps up to ``max_step`` (a resumed run rewrites what came after)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= max_step]
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def verify_model_folder(folder: Path) -> None:
+    """A written checkpoint must be loadable: a config and safetensors weights."""
+    if not (folder / "config.json").is_file() or not list(folder.glob("*.safetensors")):
+        raise RuntimeError(f"checkpoint {folder} is incomplete")

@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from orchestrator.config import RunConfig
 
 
 def _data_synth(args: argparse.Namespace) -> int:
@@ -69,6 +74,10 @@ def _data_check(args: argparse.Namespace) -> int:
     return 1 if report.skipped or media_errors else 0
 
 
+# omni.tiny.LAYOUTS' names, spelt out so that `--help` imports no model code (a test keeps them equal)
+MODEL_LAYOUTS = ("tiny", "small", "2b", "3b", "7b")
+
+
 def _model_tiny(args: argparse.Namespace) -> int:
     from omni.tiny import LAYOUTS, build_tiny_checkpoint
 
@@ -91,11 +100,35 @@ def _model_warmstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def _absolute_config(config: RunConfig, must_exist: tuple[str, ...] | None = None) -> RunConfig:
+    """The path rule (`orchestrator.config.with_absolute_paths`): every path key absolute against
+    the directory this command was started in, before any actor sees the config; its warnings
+    printed as one line each."""
+    import warnings
+
+    from orchestrator.config import with_absolute_paths
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        config = with_absolute_paths(config, must_exist=must_exist)
+    for warning in caught:
+        print(f"echoink: warning: {warning.message}", file=sys.stderr)
+    return config
+
+
+def _absolute_arg(path: Path, option: str, *, must_exist: bool) -> Path:
+    """A path option made absolute against the current directory, like the config's paths."""
+    absolute = Path(os.path.abspath(path.expanduser()))
+    if must_exist and not absolute.exists():
+        raise FileNotFoundError(f"{option}: {str(path)!r} does not exist (tried {absolute})")
+    return absolute
+
+
 def _train(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.trainer import train
 
-    config = load_config(args.config, args.set)
+    config = _absolute_config(load_config(args.config, args.set))
     summary = train(config, resume=args.resume, stop_after=args.stop_after_steps)
     run_dir = Path(summary["run_dir"])
     print(f"run folder:   {run_dir}")
@@ -112,17 +145,20 @@ def _eval(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.evalrun import run_eval
 
-    config = load_config(args.config, args.set)
+    # the checkpoint comes from --checkpoint, not model_path: only the split's data must exist
+    config = _absolute_config(load_config(args.config, args.set), must_exist=(f"data.{args.split}", "data.media_root"))
+    checkpoint = _absolute_arg(args.checkpoint, "--checkpoint", must_exist=True)
+    out = _absolute_arg(args.out, "--out", must_exist=False) if args.out is not None else None
     ablate = [c.strip() for c in args.ablate.split(",")] if args.ablate else None
     result = run_eval(
         config,
-        args.checkpoint,
+        checkpoint,
         split=args.split,
         mode=args.mode,
         samples=args.samples,
         ablate=ablate,
         limit=args.limit,
-        out_dir=args.out,
+        out_dir=out,
     )
     print(result.table())
     print(f"results: {result.out_dir / 'results.jsonl'}")
@@ -201,7 +237,14 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--media", type=int, default=-1, help="decode the media of the first N records (-1: all)")
     check.set_defaults(func=_data_check)
 
-    train = sub.add_parser("train", help="run GRPO training (in a local Ray, or the cluster it finds)")
+    path_rule = (
+        "Relative paths in the config (model_path, output_dir, data.*) are read against the directory this "
+        "command starts in, before any Ray actor sees them; under `ray job submit` that is the job's working_dir "
+        '(use --working-dir "local://$PWD" to run in the folder itself).'
+    )
+    train = sub.add_parser(
+        "train", help="run GRPO training (in a local Ray, or the cluster it finds)", description=path_rule
+    )
     _add_config_args(train)
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     train.add_argument(
@@ -212,12 +255,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     train.set_defaults(func=_train)
 
-    ev = sub.add_parser("eval", help="evaluate a checkpoint on a split (greedy or sampled, with ablations)")
+    ev = sub.add_parser(
+        "eval", help="evaluate a checkpoint on a split (greedy or sampled, with ablations)", description=path_rule
+    )
     _add_config_args(ev)
     ev.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint folder (base or trained)")
     ev.add_argument("--split", default="valid", choices=["valid", "train"])
     ev.add_argument("--mode", choices=["greedy", "sampled"], help="default: eval.mode of the config")
-    ev.add_argument("--samples", type=int, help="samples per question in sampled mode (default 8)")
+    ev.add_argument("--samples", type=int, help="samples per question in sampled mode (default: eval.samples of the config, 1)")
     ev.add_argument("--ablate", help="conditions, e.g. none,audio,image,both (audio → silence, image → grey)")
     ev.add_argument("--limit", type=int, help="only the first N questions")
     ev.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/eval-SPLIT-MODE)")
@@ -243,8 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     tiny = model.add_parser("tiny", help="build a random-weight Qwen2.5-Omni checkpoint offline (tiny by default)")
     tiny.add_argument("--out", required=True, type=Path)
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--layout", default="tiny", choices=["tiny", "small", "2b", "7b"],
-                      help="tiny (CPU tests), small (GPU smoke), 2b, 7b (the released thinker's layout)")
+    tiny.add_argument("--layout", default="tiny", choices=MODEL_LAYOUTS,
+                      help="tiny (CPU tests), small (GPU smoke), 2b, 3b / 7b (the released thinkers' layouts)")
     tiny.add_argument("--config-only", action="store_true",
                       help="no weight file: vLLM load_format=dummy / learner random_init (big layouts)")
     tiny.set_defaults(func=_model_tiny)

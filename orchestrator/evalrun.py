@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ray
 
-from avqa import LoadReport, load_records
+from avqa import LoadReport, Record, load_records
 from omni.names import require_safetensors
-from orchestrator.config import RunConfig
+from orchestrator.config import RunConfig, with_absolute_paths
 from orchestrator.evalstats import mcnemar
-from orchestrator.evaluate import CONDITIONS, EvalResult, EvalSettings, evaluate_records
-from orchestrator.placement import decide_gpus, plan
+from orchestrator.evaluate import CONDITIONS, EvalResult, evaluate_records
+from orchestrator.placement import decide_gpus, plan_run
 from orchestrator.runtime import connect
+from orchestrator.settings import engine_settings, eval_settings
 from rollout.engine import RolloutEngine
 from rollout.pool import EnginePool
 
@@ -31,6 +32,7 @@ def run_eval(
     limit: int | None = None,
     out_dir: Path | None = None,
 ) -> EvalResult:
+    config, checkpoint = with_absolute_paths(config, must_exist=()), Path(checkpoint).absolute()
     require_safetensors(checkpoint)
     path = {"valid": config.data.valid, "train": config.data.train}.get(split)
     if path is None:
@@ -49,25 +51,11 @@ def run_eval(
         overrides["samples"] = samples
     if ablate:
         overrides["ablate"] = tuple(ablate)
-    settings = EvalSettings.from_config(config, **overrides)
-    if settings.mode == "sampled" and samples is None and settings.samples < 2:
-        settings = replace(settings, samples=8)
-    if settings.mode == "greedy":
-        settings = replace(settings, samples=1)
+    settings = eval_settings(config, **overrides)
     out = out_dir or checkpoint / f"eval-{split}-{settings.mode}"
     c = config
     connect(c.ray.address, c.ray.num_cpus, c.rollout.num_engines * c.rollout.cpus_per_engine)
-    placement = plan(
-        use_gpus=decide_gpus(c.ray.use_gpus),
-        engines=c.rollout.num_engines,
-        tensor_parallel_size=c.rollout.tensor_parallel_size,
-        ranks=0,
-        cpus_per_engine=c.rollout.cpus_per_engine,
-        cpus_per_rank=c.learner.cpus_per_rank,
-        engine_resources=c.rollout.resources,
-    )
-    from orchestrator.trainer import engine_settings
-
+    placement = plan_run(c, decide_gpus(c.ray.use_gpus), learner=False)
     engine_cls = ray.remote(RolloutEngine)
     engines = [
         engine_cls.options(**opts).remote(engine_settings(c, checkpoint), i)
@@ -156,3 +144,41 @@ def compare_table(result: dict[str, Any]) -> str:
             f"McNemar: exact p = {m['p_value']:.4g} (chi² {m['statistic']:.3f}, p = {m['p_value_chi2']:.4g})",
         ]
     )
+
+
+def gain_summary(start: Path, end: Path) -> tuple[dict[str, Any], str]:
+    """Paired before/after on the same questions (a run's ``eval/start`` and ``eval/final``): the
+    gain and McNemar's test of it, for ``summary.json``, and the printed table."""
+    result = compare(start, end)
+    gain = {
+        "accuracy_start": result["accuracy_a"],
+        "accuracy_end": result["accuracy_b"],
+        "questions": result["questions"],
+        "wins": result["a_wrong_b_right"],
+        "losses": result["a_right_b_wrong"],
+        "mcnemar_p": result["mcnemar"]["p_value"],
+    }
+    return gain, compare_table(result)
+
+
+def evaluate_in_run(
+    pool: EnginePool,
+    records: list[Record],
+    config: RunConfig,
+    run_dir: Path,
+    step: int,
+    name: str | None,
+    say: Callable[[str], None],
+) -> dict[str, float]:
+    """An evaluation inside a training run, on its engines. ``name`` None: the periodic check (the
+    first ``eval.subset`` questions, no ablations) into eval/step-N; else the whole split with every
+    ablation into eval/NAME, printed. Returns the ``eval/*`` metrics."""
+    settings = eval_settings(config)
+    if name is None:
+        records, settings = records[: config.eval.subset], settings.only_plain()
+    folder = run_dir / "eval" / (name or f"step-{step:06d}")
+    result = evaluate_records(pool, records, settings, out_dir=folder, checkpoint=str(run_dir))
+    if name is not None:
+        which = "starting" if name == "start" else "final"
+        say(f"evaluation of the {which} weights ({folder}):\n" + result.table())
+    return {f"eval/{k}": v for k, v in result.flat_metrics().items()}

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import numpy as np
 from PIL import Image
 
 from avqa import Record, load_audio, load_image
+from omni.inputs import MediaSettings
 from orchestrator.evalstats import is_reflective, mean_interval, prediction, wilson_interval
 from rewards import accuracy_reward, format_reward
 from rollout.pool import EnginePool
@@ -28,43 +29,21 @@ GREY = (128, 128, 128)
 
 @dataclass(frozen=True)
 class EvalSettings:
-    mode: str = "greedy"  # greedy | sampled
-    samples: int = 1
-    max_new_tokens: int = 768
-    temperature: float = 1.0
-    top_p: float = 0.95
-    seed: int = 0
-    ablate: tuple[str, ...] = ("none",)
-    min_pixels: int = 4 * 28 * 28
-    max_pixels: int = 256 * 28 * 28
-    max_audio_seconds: float = 10.0
-    sample_rate: int = 16_000
+    """How to evaluate; built from the run config by `orchestrator.settings.eval_settings`."""
 
-    @classmethod
-    def from_config(cls, config: Any, **overrides: Any) -> EvalSettings:
-        e, s, m = config.eval, config.sampling, config.media
-        base = cls(
-            mode=e.mode,
-            samples=e.samples if e.mode == "sampled" else 1,
-            max_new_tokens=s.max_new_tokens,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            seed=config.seed,
-            ablate=tuple(e.ablate),
-            min_pixels=m.min_pixels,
-            max_pixels=m.max_pixels,
-            max_audio_seconds=m.max_audio_seconds,
-            sample_rate=m.sample_rate,
-        )
-        return replace(base, **overrides)
+    mode: str = "greedy"  # greedy | sampled
+    samples: int = 1  # completions per question in sampled mode
+    ablate: tuple[str, ...] = ("none",)
+    sampling: SamplingSettings = SamplingSettings(seed=0)  # sampled mode; greedy keeps its limit and seed
+    media: MediaSettings = MediaSettings()
 
     def only_plain(self) -> EvalSettings:
         return replace(self, ablate=("none",))
 
-    def sampling(self) -> SamplingSettings:
+    def decoding(self) -> SamplingSettings:
         if self.mode == "greedy":
-            return SamplingSettings(temperature=0.0, top_p=1.0, max_new_tokens=self.max_new_tokens, seed=self.seed)
-        return SamplingSettings(self.temperature, self.top_p, -1, self.max_new_tokens, seed=self.seed)
+            return replace(self.sampling, temperature=0.0, top_p=1.0, top_k=-1)
+        return self.sampling
 
 
 def ablated_media(record: Record, condition: str, settings: EvalSettings) -> dict[str, Any] | None:
@@ -78,10 +57,12 @@ def ablated_media(record: Record, condition: str, settings: EvalSettings) -> dic
         raise ValueError(f"unknown ablation {condition!r}; known: {', '.join(CONDITIONS)}")
     out: dict[str, Any] = {}
     if condition in ("audio", "both"):
-        clip = load_audio(record.audio_path, sample_rate=settings.sample_rate, max_seconds=settings.max_audio_seconds)
+        m = settings.media
+        clip = load_audio(record.audio_path, sample_rate=m.sample_rate, max_seconds=m.max_audio_seconds)
         out["audio"] = np.zeros_like(clip)
     if condition in ("image", "both"):
-        image = load_image(record.image_path, min_pixels=settings.min_pixels, max_pixels=settings.max_pixels)
+        m = settings.media
+        image = load_image(record.image_path, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
         out["image"] = Image.new("RGB", image.size, GREY)
     return out
 
@@ -151,7 +132,7 @@ def evaluate_records(
     per_condition: dict[str, dict[str, Any]] = {}
     baseline: dict[str, str] = {}
     n = settings.samples if settings.mode == "sampled" else 1
-    sampling = settings.sampling()
+    sampling = settings.decoding()
     for condition in settings.ablate:
         overrides = [ablated_media(r, condition, settings) for r in records] if condition != "none" else None
         results = pool.generate(records, n, sampling, salt=0, media_overrides=overrides)
@@ -187,7 +168,7 @@ def evaluate_records(
         "samples": n,
         "conditions": per_condition,
         "seconds": time.perf_counter() - started,
-        "settings": settings.__dict__ | {"ablate": list(settings.ablate)},
+        "settings": asdict(settings),
         "config": config or {},
     }
     if "none" in per_condition:

@@ -1,20 +1,25 @@
 """Where actors run: Ray placement groups for the rollout engines and the learner ranks.
 
-GPU clusters: each engine gets a bundle of its tensor-parallel GPUs on one node, each learner rank
-one GPU; the two roles never share a GPU. CPU-only clusters run the same code with CPU bundles.
-Optional custom resources pin a role to a kind of node (``rollout.resources``/``learner.resources``).
+Split (``placement.mode: split``): each engine gets a bundle of its tensor-parallel GPUs on one
+node, each learner rank one GPU of its own. Colocated: engine i and learner rank i share one
+bundle (one GPU, each actor asks for half of it), so one GPU runs the whole loop. CPU-only
+clusters run the same code with CPU bundles. Optional custom resources pin a role to a kind of
+node (``rollout.resources``/``learner.resources``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from orchestrator.config import RunConfig, check_colocation
 
 
 @dataclass
@@ -23,6 +28,22 @@ class Placement:
     engine_options: list[dict[str, Any]]
     learner_options: list[dict[str, Any]]
     groups: list[PlacementGroup]
+    mode: str = "split"  # or "colocated": engine i and learner rank i share bundle i
+    why: str = ""  # why this mode (placement.mode: auto decides by the cluster's GPUs)
+
+    @property
+    def engines_sleep(self) -> bool:
+        """Colocated on GPUs: engines free their memory while the learner trains (CPUs: no)."""
+        return self.mode == "colocated" and self.use_gpus
+
+    def record(self, engines: Sequence[dict[str, Any]], ranks: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """placement.json: the mode, and where each engine and learner rank runs; colocated,
+        which GPU (or CPU bundle) each pair shares."""
+        out: dict[str, Any] = {"mode": self.mode, "why": self.why, "engines": list(engines), "learner_ranks": list(ranks)}
+        if self.mode == "colocated":
+            out["shared"] = [{"engine": e["index"], "learner_rank": r["rank"], "gpus": e["gpus"], "node_id": e["node_id"]}
+                             for e, r in zip(engines, ranks, strict=True)]
+        return out
 
     def remove(self) -> None:
         from ray.util.placement_group import remove_placement_group
@@ -33,7 +54,9 @@ class Placement:
 
 
 def actor_env() -> dict[str, str]:
-    """Environment every actor gets (vLLM in-process, quiet tokenizers, the extension cache)."""
+    """The one place that sets environment variables for EchoInk's processes: every actor gets
+    these (vLLM in-process, quiet tokenizers, no hub, the extension cache), and so do the test
+    and benchmark drivers; variables a user set are passed through."""
     env = {
         "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
         "TOKENIZERS_PARALLELISM": "false",
@@ -57,17 +80,48 @@ def decide_gpus(setting: str) -> bool:
     return gpus >= 1
 
 
-def check_capacity(use_gpus: bool, engines: int, tp: int, ranks: int) -> None:
+def split_gpus(engines: int, tp: int, ranks: int) -> int:
+    return engines * tp + ranks
+
+
+def decide_mode(setting: str, use_gpus: bool, engines: int, tp: int, ranks: int) -> tuple[str, str]:
+    """The placement mode and why: ``auto`` splits where the cluster's GPUs hold the split layout."""
+    if setting != "auto":
+        return setting, f"placement.mode is {setting}"
+    if not use_gpus:
+        return "split", "no GPUs: the roles share the CPUs either way"
+    need, have = split_gpus(engines, tp, ranks), int(ray.cluster_resources().get("GPU", 0))
+    if need <= have:
+        return "split", f"the split layout needs {need} GPUs and the cluster has {have}"
+    return "colocated", f"the split layout needs {need} GPUs but the cluster has {have}: engines share the learner's GPUs"
+
+
+def check_capacity(use_gpus: bool, engines: int, tp: int, ranks: int, mode: str = "split") -> None:
     """Fail early and clearly when the cluster cannot hold the layout (instead of waiting forever)."""
     if not use_gpus:
         return
-    need = engines * tp + ranks
+    need = max(engines * tp, ranks) if mode == "colocated" else split_gpus(engines, tp, ranks)
     have = int(ray.cluster_resources().get("GPU", 0))
     if need > have:
-        raise RuntimeError(
-            f"the layout needs {need} GPUs ({engines} engine(s) × {tp} + {ranks} learner rank(s)) "
-            f"but the Ray cluster has {have}"
-        )
+        what = "colocated pairs" if mode == "colocated" else f"{engines} engine(s) × {tp} + {ranks} learner rank(s)"
+        raise RuntimeError(f"the layout needs {need} GPUs ({what}) but the Ray cluster has {have}")
+
+
+def plan_run(config: RunConfig, use_gpus: bool, *, learner: bool = True) -> Placement:
+    """The placement of a run's engines and (unless ``learner`` is False: evaluation) learner ranks."""
+    r, lc = config.rollout, config.learner
+    ranks = lc.num_ranks if learner else 0
+    mode, why = decide_mode(config.placement.mode if learner else "split", use_gpus, r.num_engines,
+                            r.tensor_parallel_size, ranks)
+    if mode == "colocated":
+        check_colocation(config)
+    placement = plan(
+        mode=mode, use_gpus=use_gpus, engines=r.num_engines, tensor_parallel_size=r.tensor_parallel_size, ranks=ranks,
+        cpus_per_engine=r.cpus_per_engine, cpus_per_rank=lc.cpus_per_rank, engine_resources=r.resources,
+        learner_resources=lc.resources,
+    )
+    placement.why = why
+    return placement
 
 
 def plan(
@@ -81,14 +135,17 @@ def plan(
     engine_resources: dict[str, float] | None = None,
     learner_resources: dict[str, float] | None = None,
     timeout_s: float = 600.0,
+    mode: str = "split",
 ) -> Placement:
-    check_capacity(use_gpus, engines, tensor_parallel_size, ranks)
+    check_capacity(use_gpus, engines, tensor_parallel_size, ranks, mode)
     env = {"env_vars": actor_env()}
     engine_bundle: dict[str, float] = {"CPU": cpus_per_engine, **(engine_resources or {})}
     rank_bundle: dict[str, float] = {"CPU": cpus_per_rank, **(learner_resources or {})}
     if use_gpus:
         engine_bundle["GPU"] = float(tensor_parallel_size)
         rank_bundle["GPU"] = 1.0
+    if mode == "colocated":
+        return _colocated(use_gpus, engines, engine_bundle, rank_bundle, env, timeout_s)
     # either role may be absent: evaluation runs engines only, a warm start learner ranks only
     wanted = {"rollout": (engine_bundle, engines), "learner": (rank_bundle, ranks)}
     groups = {
@@ -97,30 +154,57 @@ def plan(
         if count
     }
     for name, group in groups.items():
-        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
-        if not ready:
-            raise TimeoutError(
-                f"the {name} placement group could not be placed within {timeout_s:.0f} s: "
-                f"cluster resources {ray.cluster_resources()}, asked for {group.bundle_specs}"
-            )
-
-    def options(group: PlacementGroup, index: int, bundle: dict[str, float]) -> dict[str, Any]:
-        opts: dict[str, Any] = {
-            "num_cpus": bundle["CPU"],
-            "num_gpus": bundle.get("GPU", 0),
-            "scheduling_strategy": PlacementGroupSchedulingStrategy(
-                placement_group=group, placement_group_bundle_index=index
-            ),
-            "runtime_env": env,
-        }
-        custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
-        if custom:
-            opts["resources"] = custom
-        return opts
-
+        _wait_placed(name, group, timeout_s)
     return Placement(
         use_gpus=use_gpus,
-        engine_options=[options(groups["rollout"], i, engine_bundle) for i in range(engines)],
-        learner_options=[options(groups["learner"], i, rank_bundle) for i in range(ranks)],
+        engine_options=[_options(groups["rollout"], i, engine_bundle, env) for i in range(engines)],
+        learner_options=[_options(groups["learner"], i, rank_bundle, env) for i in range(ranks)],
         groups=list(groups.values()),
     )
+
+
+def _colocated(
+    use_gpus: bool,
+    pairs: int,
+    engine_bundle: dict[str, float],
+    rank_bundle: dict[str, float],
+    env: dict[str, Any],
+    timeout_s: float,
+) -> Placement:
+    """One bundle per pair: the CPUs and custom resources of both roles and one GPU, which the
+    engine and the rank each take half of (Ray then shows both on that GPU)."""
+    shared = {k: engine_bundle.get(k, 0.0) + rank_bundle.get(k, 0.0) for k in {*engine_bundle, *rank_bundle}}
+    if use_gpus:
+        shared["GPU"] = 1.0
+        engine_bundle, rank_bundle = {**engine_bundle, "GPU": 0.5}, {**rank_bundle, "GPU": 0.5}
+    group = placement_group([dict(shared) for _ in range(pairs)], strategy="PACK", name="echoink-colocated")
+    _wait_placed("colocated", group, timeout_s)
+    return Placement(
+        use_gpus=use_gpus,
+        engine_options=[_options(group, i, engine_bundle, env) for i in range(pairs)],
+        learner_options=[_options(group, i, rank_bundle, env) for i in range(pairs)],
+        groups=[group],
+        mode="colocated",
+    )
+
+
+def _wait_placed(name: str, group: PlacementGroup, timeout_s: float) -> None:
+    ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+    if not ready:
+        raise TimeoutError(
+            f"the {name} placement group could not be placed within {timeout_s:.0f} s: "
+            f"cluster resources {ray.cluster_resources()}, asked for {group.bundle_specs}"
+        )
+
+
+def _options(group: PlacementGroup, index: int, bundle: dict[str, float], env: dict[str, Any]) -> dict[str, Any]:
+    opts: dict[str, Any] = {
+        "num_cpus": bundle["CPU"],
+        "num_gpus": bundle.get("GPU", 0),
+        "scheduling_strategy": PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=index),
+        "runtime_env": env,
+    }
+    custom = {k: v for k, v in bundle.items() if k not in ("CPU", "GPU")}
+    if custom:
+        opts["resources"] = custom
+    return opts

@@ -6,6 +6,8 @@ import os
 
 import ray
 
+from orchestrator.placement import actor_env
+
 
 def connect(address: str | None, num_cpus: float | None, needed_cpus: float) -> str:
     """Join ``address`` (``ray.address``; "auto" finds a cluster started here with `ray start`) or
@@ -14,7 +16,7 @@ def connect(address: str | None, num_cpus: float | None, needed_cpus: float) -> 
     is tearing down (or a stale one) must never capture a run."""
     if ray.is_initialized():
         return "existing"
-    env = {"env_vars": {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false"}}
+    env = {"env_vars": actor_env()}  # every worker of the job, also actors started without a placement
     target = address or os.environ.get("RAY_ADDRESS")
     if target:
         ray.init(address=target, runtime_env=env, log_to_driver=True)

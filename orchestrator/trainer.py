@@ -13,94 +13,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import ray
-import torch
 
-from avqa import LoadReport, Record, load_records
+from avqa import Record
 from learner.group import LearnerDied, LearnerGroup
-from learner.grpo import group_advantages_by_id
-from learner.types import Experience, LearnerSettings
-from omni.inputs import MediaSettings
 from omni.names import require_safetensors
 from orchestrator import checkpoint as ckpt
-from orchestrator.config import RunConfig, dump_config
+from orchestrator.colocation import GpuSharing
+from orchestrator.config import RunConfig, dump_config, with_absolute_paths
+from orchestrator.data import BadRecords, load_split
+from orchestrator.evalrun import evaluate_in_run, gain_summary
 from orchestrator.metrics import MetricsLogger
-from orchestrator.placement import Placement, decide_gpus, plan
+from orchestrator.placement import Placement, decide_gpus, plan_run
 from orchestrator.runtime import connect
 from orchestrator.sampler import QuestionSampler
+from orchestrator.scoring import score_step
+from orchestrator.settings import engine_settings, learner_settings, sampling_settings
 from orchestrator.weights import WeightSync
 from rewards import RewardSet
 from rollout.engine import RolloutEngine
-from rollout.pool import EnginePool, PendingRollout
-from rollout.types import EngineSettings, RolloutResult, SamplingSettings
-
-
-def media_settings(config: RunConfig) -> MediaSettings:
-    m = config.media
-    return MediaSettings(m.min_pixels, m.max_pixels, m.max_audio_seconds, m.sample_rate)
-
-
-def sampling_settings(config: RunConfig, seed: int | None) -> SamplingSettings:
-    s = config.sampling
-    return SamplingSettings(s.temperature, s.top_p, s.top_k, s.max_new_tokens, seed=seed)
-
-
-def engine_settings(config: RunConfig, model_path: Path | None = None) -> EngineSettings:
-    r = config.rollout
-    return EngineSettings(
-        model_path=Path(model_path or config.model_path),
-        tensor_parallel_size=r.tensor_parallel_size,
-        max_model_len=r.max_model_len,
-        memory_share=r.memory_share,
-        kv_cache_bytes=int(r.kv_cache_mb * 2**20) if r.kv_cache_mb else None,
-        enforce_eager=r.enforce_eager,
-        max_num_seqs=r.max_num_seqs,
-        seed=config.seed,
-        load_format=r.load_format,
-        media=media_settings(config),
-        system_prompt=config.system_prompt,
-    )
-
-
-def learner_settings(config: RunConfig, total_steps: int, model_path: Path | None = None) -> LearnerSettings:
-    lc, g = config.learner, config.grpo
-    return LearnerSettings(
-        model_path=Path(model_path or config.model_path),
-        num_ranks=lc.num_ranks,
-        zero_stage=lc.zero_stage,
-        dtype=lc.dtype,
-        gradient_checkpointing=lc.gradient_checkpointing,
-        micro_batch_size=lc.micro_batch_size,
-        lr=lc.lr,
-        betas=tuple(lc.betas),
-        weight_decay=lc.weight_decay,
-        adam_eps=lc.adam_eps,
-        lr_schedule=lc.lr_schedule,
-        warmup_steps=lc.warmup_steps,
-        min_lr_ratio=lc.min_lr_ratio,
-        total_steps=total_steps,
-        grad_clip=lc.grad_clip,
-        freeze_audio_tower=lc.freeze_audio_tower,
-        freeze_vision_tower=lc.freeze_vision_tower,
-        freeze=tuple(lc.freeze),
-        share_prompts=lc.share_prompts,
-        attn_implementation=lc.attn_implementation,
-        beta=g.beta,
-        kl_estimator=g.kl_estimator,
-        clip_eps=g.clip_eps,
-        loss_agg=g.loss_agg,
-        off_policy=g.off_policy,
-        is_clip=g.is_clip,
-        temperature=config.sampling.temperature,
-        max_new_tokens=config.sampling.max_new_tokens,
-        logprob_chunk=lc.logprob_chunk,
-        seed=config.seed,
-        media=media_settings(config),
-        system_prompt=config.system_prompt,
-        collective_timeout_s=config.faults.collective_timeout_s,
-        random_init=lc.random_init,
-    )
+from rollout.pool import EngineDied, EnginePool, PendingRollout
+from rollout.types import RolloutResult
 
 
 @dataclass
@@ -129,10 +62,12 @@ class Trainer:
         if resume and self.resume_from is None:
             self._say(f"--resume: no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}, starting from step 0")
             for name in ("metrics.jsonl", "questions.jsonl"):
-                truncate_jsonl(self.run_dir / name, 0)
-        self.bad_records: list[dict[str, Any]] = []
-        self.train_records = self._load(config.data.train, "train")
-        self.valid_records = self._load(config.data.valid, "valid") if config.data.valid else []
+                ckpt.truncate_jsonl(self.run_dir / name, 0)
+        self.bad_records = BadRecords(self.run_dir / "bad_records.jsonl")
+        self.train_records = load_split(config.data.train, "train", config.data, self.bad_records, self._say)
+        self.valid_records = (
+            load_split(config.data.valid, "valid", config.data, self.bad_records, self._say) if config.data.valid else []
+        )
         self.total_steps = config.steps_for(len(self.train_records))
         self.rewards = RewardSet(weights=dict(config.rewards.weights), options={"lenient": config.rewards.lenient})
         self.sampler = QuestionSampler(len(self.train_records), config.seed, shuffle=config.data.shuffle)
@@ -146,31 +81,13 @@ class Trainer:
         self.skipped_steps = 0
         self.no_signal_steps = 0  # consecutive steps whose every group had one reward value
         self.checkpoint_failures = 0
+        self.sleeps = False  # colocated on GPUs: engines sleep while the learner trains
+        self.sharing = GpuSharing(self._on_engines, enabled=False, sync_every=1)
 
     # ------------------------------------------------------------------ setup
     def _say(self, message: str) -> None:
         if self.console:
             print(f"[echoink] {message}", flush=True)
-
-    def _load(self, path: Path, split: str) -> list[Record]:
-        c = self.config.data
-        if not c.skip_bad_records:
-            records = load_records(path, media_root=c.media_root)
-        else:
-            report = LoadReport()
-            records = load_records(path, media_root=c.media_root, report=report)
-            for err in report.errors:
-                self._bad({"split": split, "stage": "load", **err.to_dict(), "error": str(err)})
-            if report.skipped:
-                self._say(f"{split}: skipped {report.skipped} of {report.total} records (see bad_records.jsonl)")
-        if not records:
-            raise ValueError(f"{path}: no usable records in the {split} split")
-        return records
-
-    def _bad(self, entry: dict[str, Any]) -> None:
-        self.bad_records.append(entry)
-        with open(self.run_dir / "bad_records.jsonl", "a", encoding="utf-8") as fh:
-            fh.write(json.dumps(entry, default=str) + "\n")
 
     def start(self) -> None:
         c = self.config
@@ -181,23 +98,20 @@ class Trainer:
         use_gpus = decide_gpus(c.ray.use_gpus)
         self._say(f"Ray: {where}; {'GPUs' if use_gpus else 'CPUs only'}; run folder {self.run_dir}")
         (self.run_dir / "config.yaml").write_text(dump_config(c), encoding="utf-8")
-        self.placement = plan(
-            use_gpus=use_gpus,
-            engines=c.rollout.num_engines,
-            tensor_parallel_size=c.rollout.tensor_parallel_size,
-            ranks=c.learner.num_ranks,
-            cpus_per_engine=c.rollout.cpus_per_engine,
-            cpus_per_rank=c.learner.cpus_per_rank,
-            engine_resources=c.rollout.resources,
-            learner_resources=c.learner.resources,
-        )
+        self.placement = plan_run(c, use_gpus)
+        self.sleeps = self.placement.engines_sleep
+        self.sharing = GpuSharing(self._on_engines, enabled=self.sleeps, sync_every=c.sync.every)
+        self._say(f"placement: {self.placement.mode} ({self.placement.why})")
         started = time.perf_counter()
         self.engines = [self._new_engine(i) for i in range(len(self.placement.engine_options))]
+        if self.sleeps:  # vLLM sizes its cache from the free memory: let it start before the learner
+            ray.get([e.info.remote() for e in self.engines])
         learner_model = self.resume_from or c.model_path
-        self.learner = LearnerGroup(learner_settings(c, self.total_steps, learner_model), self.placement.learner_options)
+        settings = learner_settings(c, self.total_steps, learner_model, release_memory=self.sleeps)
+        self.learner = LearnerGroup(settings, self.placement.learner_options)
         engine_info = ray.get([e.info.remote() for e in self.engines])
         self.pool = EnginePool(self.engines)
-        placement = {"engines": engine_info, "learner_ranks": self.learner.setup_info}
+        placement = self.placement.record(engine_info, self.learner.setup_info)
         (self.run_dir / "placement.json").write_text(json.dumps(placement, indent=2, default=str) + "\n")
         backend = c.sync.backend if c.sync.backend != "auto" else ("nccl" if use_gpus else "gloo")
         self.sync = WeightSync(
@@ -207,6 +121,7 @@ class Trainer:
             bucket_bytes=int(c.sync.bucket_mb * 2**20),
             tensor_parallel_size=c.rollout.tensor_parallel_size,
             timeout_s=c.sync.timeout_s,
+            transport="handoff" if self.placement.mode == "colocated" else "broadcast",
         )
         self._say(
             f"{len(self.engines)} rollout engine(s), {c.learner.num_ranks} learner rank(s) (ZeRO-{c.learner.zero_stage}) "
@@ -219,13 +134,14 @@ class Trainer:
             self.sampler.load_state_dict(state["sampler"])
             self.step = int(state["step"])
             for name in ("metrics.jsonl", "questions.jsonl"):
-                truncate_jsonl(self.run_dir / name, self.step)  # drop steps done after that checkpoint
+                ckpt.truncate_jsonl(self.run_dir / name, self.step)  # drop steps done after that checkpoint
             self._say(f"resumed from {self.resume_from} at step {self.step}")
 
     def _new_engine(self, index: int) -> Any:
         assert self.placement is not None
         options = self.placement.engine_options[index]
-        return ray.remote(RolloutEngine).options(**options).remote(engine_settings(self.config), index)
+        settings = engine_settings(self.config, sleep_mode=self.sleeps)
+        return ray.remote(RolloutEngine).options(**options).remote(settings, index)
 
     def _restart_engines(self, dead: list[int], why: str) -> None:
         """Replace dead engines in their placement bundles, rebuild the sync group, push the
@@ -247,7 +163,10 @@ class Trainer:
         self.engines = list(self.pool.engines)
         ray.get([self.pool.engines[i].ping.remote() for i in dead])
         self.sync.connect()
-        self.sync.push()
+        try:
+            self.sync.push()
+        except EngineDied as exc:  # died again before it had the weights: counted, and limited
+            self._restart_engines(exc.engines, why)
 
     # ------------------------------------------------------------------ the loop
     def _submit(self, step: int) -> Batch:
@@ -258,7 +177,7 @@ class Trainer:
         batch.pending = self.pool.submit(
             records,
             self.config.grpo.group_size,
-            sampling_settings(self.config, seed=self.config.seed),
+            sampling_settings(self.config),
             salt=step,
         )
         return batch
@@ -274,7 +193,7 @@ class Trainer:
             retry = self.pool.submit(
                 [batch.records[i] for i in lost],
                 self.config.grpo.group_size,
-                sampling_settings(self.config, seed=self.config.seed),
+                sampling_settings(self.config),
                 salt=batch.step,
             )
             part, dead = self.pool.collect_partial(retry)
@@ -285,24 +204,43 @@ class Trainer:
         batch.pending = None
 
     def _push(self) -> float:
+        """Push the weights to every engine; engines that died meanwhile are restarted (and get
+        the weights from the restart), up to ``faults.max_engine_restarts``. A dead learner rank
+        raises `LearnerDied` to `train()`."""
         assert self.sync is not None and self.pool is not None
         started = time.perf_counter()
         try:
-            self.sync.push()
-        except (ray.exceptions.RayActorError, TimeoutError, RuntimeError) as exc:
-            if isinstance(exc, LearnerDied):
-                raise
+            return self.sync.push().seconds
+        except EngineDied as exc:
+            self._restart_engines(exc.engines, "during a weight push")
+        except TimeoutError:
             dead = [i for i, ok in enumerate(self.pool.alive()) if not ok]
             if not dead:
                 raise
             self._restart_engines(dead, "during a weight push")
         return time.perf_counter() - started
 
+    def _on_engines(self, method: str, *args: Any) -> list[dict[str, float]]:
+        """Call ``method`` on every engine; engines that died are restarted (awake, with the
+        current weights) like engines that die in a rollout."""
+        assert self.pool is not None
+        futures = [getattr(e, method).remote(*args) for e in self.pool.engines]
+        reports, dead = [], []
+        for index, future in enumerate(futures):
+            try:
+                reports.append(ray.get(future))
+            except ray.exceptions.RayActorError:
+                dead.append(index)
+        if dead:
+            self._restart_engines(dead, f"during {method}")
+        return reports
+
     def run(self) -> dict[str, Any]:
         if self.learner is None:
             self.start()
         c = self.config
-        sync_seconds = self._push()  # once at start (and after a resume)
+        self._say(f"first weight push: {self.sync.tensors} tensors in {len(self.sync.specs)} buckets ({self.sync.transport})")
+        self._push()  # once at start (and after a resume)
         start_eval: dict[str, float] | None = None
         if c.eval.at_start and self.step == 0 and self.valid_records:
             start_eval = self._evaluate("start")  # before the progress bar
@@ -322,16 +260,16 @@ class Trainer:
                 self._record_questions(batch)
                 if c.grpo.off_policy and step < end:
                     pending = self._submit(step + 1)  # rolls out on the current weights while we learn
+                asleep = self.sharing.sleep()
                 values = self._learn(batch)
                 self._check_skipped(values, step)
                 self._check_signal(values, step, logger)
                 if pending is not None:
                     self._collect(pending)  # engines finish the next rollout before new weights arrive
-                sync_seconds = 0.0
-                if step % c.sync.every == 0 or step == self.total_steps:
-                    sync_seconds = self._push()
+                values.update(asleep)
+                push = step % c.sync.every == 0 or step == self.total_steps
+                values.update(self.sharing.wake_and_push(self._push if push else None))
                 self.step = step
-                values["timing/weight_sync_s"] = sync_seconds
                 values["timing/step_s"] = time.perf_counter() - step_started
                 values["data/epoch"] = self.sampler.state.epoch + self.sampler.state.position / self.sampler.size
                 values["data/bad_records"] = float(len(self.bad_records))
@@ -348,30 +286,36 @@ class Trainer:
                             f"[echoink] checkpoint at step {step} failed ({exc}); keeping "
                             f"{ckpt.latest_checkpoint(self.run_dir)}; training continues"
                         )
-            finished = self.step >= self.total_steps
-            final = self._checkpoint() if (c.checkpoint.at_end or not finished) else None
             logger.close()
-            summary: dict[str, Any] = {
-                "steps": self.step,
-                "total_steps": self.total_steps,
-                "finished": finished,
-                "run_dir": str(self.run_dir),
-                "last": last,
-            }
-            if final is not None:
-                summary["checkpoint"] = str(final)
-            if not finished:
-                self._say(f"stopped after step {self.step} of {self.total_steps}: continue with --resume")
-            elif c.eval.at_end and self.valid_records:
-                summary["eval"] = self._evaluate("final")
-                if start_eval is not None:
-                    summary["eval_gain"] = self._compare_start_end()
-            if start_eval is not None:
-                summary["eval_start"] = start_eval
-            (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-            return summary
+            return self._finish(last, start_eval)
         finally:
             logger.close()
+
+    def _finish(self, last: dict[str, float], start_eval: dict[str, float] | None) -> dict[str, Any]:
+        """The last checkpoint, the final evaluation and the paired gain; ``summary.json``."""
+        c = self.config
+        finished = self.step >= self.total_steps
+        final = self._checkpoint() if (c.checkpoint.at_end or not finished) else None
+        summary: dict[str, Any] = {
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "finished": finished,
+            "run_dir": str(self.run_dir),
+            "last": last,
+        }
+        if final is not None:
+            summary["checkpoint"] = str(final)
+        if not finished:
+            self._say(f"stopped after step {self.step} of {self.total_steps}: continue with --resume")
+        elif c.eval.at_end and self.valid_records:
+            summary["eval"] = self._evaluate("final")
+            if start_eval is not None:
+                summary["eval_gain"], table = gain_summary(self.run_dir / "eval" / "start", self.run_dir / "eval" / "final")
+                self._say("before (A) and after (B) training, greedy, same questions:\n" + table)
+        if start_eval is not None:
+            summary["eval_start"] = start_eval
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        return summary
 
     def _check_signal(self, values: dict[str, float], step: int, logger: MetricsLogger) -> None:
         """Say so when GRPO has nothing to learn from: with equal rewards in every group each
@@ -410,80 +354,27 @@ class Trainer:
             fh.write(json.dumps(row) + "\n")
 
     def _learn(self, batch: Batch) -> dict[str, float]:
+        """Score the batch, take one optimizer step on it; the step's metrics (names: omni.metrics)."""
         assert self.learner is not None
         c = self.config
-        reward_started = time.perf_counter()
-        experiences: list[Experience] = []
-        group_ids: list[str] = []
-        totals: list[float] = []
-        components: dict[str, list[float]] = {name: [] for name in self.rewards.weights}
-        lengths: list[int] = []
-        truncated = 0
-        reward_errors = 0
-        generated = 0
-        failed = 0
-        for slot, (record, result) in enumerate(zip(batch.records, batch.results, strict=True)):
-            if not result.ok:
-                failed += 1
-                entry = {"split": "train", "stage": "rollout", "step": batch.step, "id": record.id,
-                         "file": record.source_file, "index": record.index, "error": result.error}
-                if not c.data.skip_bad_records:
-                    raise RuntimeError(
-                        f"step {batch.step}: question {record.id!r} ({record.source_file}, record {record.index}) "
-                        f"failed in rollout: {result.error} (set data.skip_bad_records: true to skip such records)"
-                    )
-                self._bad(entry)
-                continue
-            for completion in result.completions:
-                scored = self.rewards.score(completion.text, record)
-                reward_errors += len(scored.errors)
-                totals.append(scored.total)
-                for name, value in scored.components.items():
-                    components[name].append(value)
-                group_ids.append(f"{slot}:{record.id}")
-                lengths.append(len(completion.token_ids))
-                generated += len(completion.token_ids)
-                truncated += completion.finish_reason == "length"
-                experiences.append(Experience(record, completion.token_ids, 0.0, completion.logprobs))
-        if not experiences:
-            raise RuntimeError(f"step {batch.step}: every question of the batch failed in rollout")
-        rewards = torch.tensor(totals, dtype=torch.float64)
-        advantages = group_advantages_by_id(rewards, group_ids, eps=c.grpo.adv_eps)
-        for exp, adv in zip(experiences, advantages.tolist(), strict=True):
-            exp.advantage = float(adv)
-        reward_seconds = time.perf_counter() - reward_started
-        grouped = rewards.view(-1, c.grpo.group_size) if rewards.numel() % c.grpo.group_size == 0 else None
-        metrics = self.learner.train_step(experiences)
-        values: dict[str, float] = {
-            "reward/total": float(rewards.mean()),
-            **{f"reward/{name}": float(np.mean(v)) for name, v in components.items()},
-            "reward/errors": float(reward_errors),
-            "completion_length/mean": float(np.mean(lengths)),
-            "completion_length/max": float(np.max(lengths)),
-            "completion_length/clipped_ratio": truncated / len(lengths),
-            "kl": metrics["kl"],
-            "loss": metrics["loss"],
-            "grad_norm": metrics["grad_norm"],
-            "lr": metrics["lr"],
-            "clip_fraction": metrics["clip_fraction"],
-            "logprob_mean": metrics["logprob_mean"],
+        started = time.perf_counter()
+        scored = score_step(
+            batch.step, batch.records, batch.results, self.rewards,
+            adv_eps=c.grpo.adv_eps, skip_failed=c.data.skip_bad_records,
+        )
+        for entry in scored.failed:
+            self.bad_records.add(entry)
+        reward_seconds = time.perf_counter() - started
+        learned = self.learner.train_step(scored.experiences)
+        generated = sum(len(e.completion_ids) for e in scored.experiences)
+        return {
+            **scored.metrics,
+            **learned,
             "timing/rollout_s": batch.rollout_seconds,
             "timing/reward_s": reward_seconds,
-            "timing/learn_s": metrics["learn_seconds"],
             "throughput/rollout_tokens_per_s": generated / max(batch.rollout_seconds, 1e-9),
-            "throughput/learner_tokens_per_s": metrics["input_tokens"] / max(metrics["learn_seconds"], 1e-9),
-            "rollout/failed_questions": float(failed),
-            "learner/nonfinite_loss": metrics["nonfinite_loss"],
-            "learner/step_skipped": metrics["skipped"],
-            "data/completions": metrics["sequences"],
+            "throughput/learner_tokens_per_s": learned["learner/input_tokens"] / max(learned["timing/learn_s"], 1e-9),
         }
-        if grouped is not None:
-            values["reward/group_std"] = float(grouped.std(dim=1).mean())
-            values["reward/zero_advantage_groups"] = float((grouped.std(dim=1) == 0).float().mean())
-        for key in ("mismatch/token_prob_error", "mismatch/logprob_abs_error", "memory/learner_peak_gb"):
-            if key in metrics:
-                values[key] = metrics[key]
-        return values
 
     # ------------------------------------------------------------------ checkpoints & eval
     def _checkpoint(self) -> Path:
@@ -496,55 +387,24 @@ class Trainer:
             "time": time.time(),
         }
 
-        def verify(folder: Path) -> None:
-            if not (folder / "config.json").is_file() or not list(folder.glob("*.safetensors")):
-                raise RuntimeError(f"checkpoint {folder} is incomplete")
-
         path = ckpt.save_checkpoint(
             self.run_dir,
             self.step,
             lambda tmp: self.learner.save(str(tmp), {"step": self.step}),  # type: ignore[union-attr]
             state,
             keep_last=self.config.checkpoint.keep_last,
-            verify=verify,
+            verify=ckpt.verify_model_folder,
         )
         self._say(f"checkpoint: {path}")
         return path
 
-    def _compare_start_end(self) -> dict[str, Any]:
-        """Paired before/after on the same questions: the gain and McNemar's test of it."""
-        from orchestrator.evalrun import compare, compare_table
-
-        result = compare(self.run_dir / "eval" / "start", self.run_dir / "eval" / "final")
-        self._say("before (A) and after (B) training, greedy, same questions:\n" + compare_table(result))
-        return {
-            "accuracy_start": result["accuracy_a"],
-            "accuracy_end": result["accuracy_b"],
-            "questions": result["questions"],
-            "wins": result["a_wrong_b_right"],
-            "losses": result["a_right_b_wrong"],
-            "mcnemar_p": result["mcnemar"]["p_value"],
-        }
-
     def _evaluate(self, name: str | None = None) -> dict[str, float]:
-        """``name`` None: the periodic check (the first ``eval.subset`` questions, no ablations) into
-        eval/step-N; else the whole split with every ablation into eval/NAME, printed."""
-        from orchestrator.evaluate import EvalSettings, evaluate_records
-
         assert self.pool is not None
-        c = self.config
-        settings = EvalSettings.from_config(c)
-        records = self.valid_records
-        if name is None:
-            records, settings = records[: c.eval.subset], settings.only_plain()
-        folder = self.run_dir / "eval" / (name or f"step-{self.step:06d}")
-        result = evaluate_records(self.pool, records, settings, out_dir=folder, checkpoint=str(self.run_dir))
-        if name is not None:
-            which = "starting" if name == "start" else "final"
-            self._say(f"evaluation of the {which} weights ({folder}):\n" + result.table())
-        return {f"eval/{k}": v for k, v in result.flat_metrics().items()}
+        return evaluate_in_run(self.pool, self.valid_records, self.config, self.run_dir, self.step, name, self._say)
 
     def shutdown(self) -> None:
+        if self.sync is not None:
+            self.sync.close()
         if self.learner is not None:
             self.learner.kill()
         for engine in self.engines:
@@ -553,19 +413,12 @@ class Trainer:
             self.placement.remove()
 
 
-def truncate_jsonl(path: Path, max_step: int) -> None:
-    """Keep the rows of steps up to ``max_step`` (a resumed run rewrites what came after)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= max_step]
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
 def train(
     config: RunConfig, *, resume: bool = False, console: bool = True, stop_after: int | None = None
 ) -> dict[str, Any]:
     """Run to the end; a learner rank that dies restarts the run from the last checkpoint up to
     ``faults.max_restarts`` times, else the run stops saying how to resume."""
+    config = with_absolute_paths(config)  # before any actor sees a path (README: "Paths in the config")
     attempt = 0
     while True:
         trainer = Trainer(config, resume=resume or attempt > 0, console=console, stop_after=stop_after)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from avqa.record import Record
@@ -74,8 +74,3 @@ class RewardSet:
             components[name] = value
         total = sum(self.weights[name] * components[name] for name in self.weights)
         return RewardResult(components=components, total=total, errors=errors)
-
-    def score_many(self, texts: Sequence[str], records: Sequence[Record]) -> list[RewardResult]:
-        if len(texts) != len(records):
-            raise ValueError(f"{len(texts)} completions but {len(records)} records")
-        return [self.score(t, r) for t, r in zip(texts, records, strict=True)]

@@ -7,13 +7,16 @@ breaks that scan, so the engine starts before anything here touches audio.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import time
 from collections.abc import Sequence
 from typing import Any
 
 from avqa import MediaError, Record
+from omni.handoff import Channel
 from omni.inputs import load_processor, media_token_ids, prepare_prompt
+from omni.quiet import quiet_default_talker_warnings
 from omni.weightsync import BucketSpec, GroupInfo
 from rollout import receive
 from rollout.types import Completion, EngineSettings, RolloutResult, SamplingSettings
@@ -49,6 +52,8 @@ def llm_kwargs(settings: EngineSettings, engine_index: int = 0, *, is_cpu: bool)
         kv_bytes = CPU_KV_CACHE_BYTES
     if kv_bytes is not None:
         kwargs["kv_cache_memory_bytes"] = kv_bytes
+    if settings.sleep_mode and not is_cpu:  # vLLM has no sleep mode on CPUs
+        kwargs["enable_sleep_mode"] = True
     if is_cpu and settings.dtype == "auto":
         kwargs["dtype"] = "float32"  # auto would downcast a float32 checkpoint to bfloat16
     if is_cpu:
@@ -81,8 +86,8 @@ class RolloutEngine:
     """Owns one vLLM engine for a checkpoint folder and serves `generate` calls."""
 
     def __init__(self, settings: EngineSettings, engine_index: int = 0) -> None:
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+        # The process environment (vLLM in-process, quiet tokenizers) comes from
+        # orchestrator.placement.actor_env through the actor's runtime_env, not from here.
         import vllm
         from vllm.platforms import current_platform
 
@@ -91,6 +96,7 @@ class RolloutEngine:
         self.is_cpu = current_platform.is_cpu()
         started = time.perf_counter()
         kwargs = llm_kwargs(settings, engine_index, is_cpu=self.is_cpu)
+        quiet_default_talker_warnings()  # vLLM loads the checkpoint's Qwen2.5-Omni config
         self.llm = vllm.LLM(**kwargs)
         self.processor = load_processor(settings.model_path)
         # never sample a media placeholder: the learner could not replay such a completion
@@ -98,6 +104,7 @@ class RolloutEngine:
         self.start_seconds = time.perf_counter() - started
         self.calls = 0
         self.weight_version = 0
+        self.asleep: set[str] = set()  # what vLLM's sleep mode has released: "weights", "kv_cache"
 
     # ------------------------------------------------------------------ generation
     def generate(
@@ -139,7 +146,7 @@ class RolloutEngine:
             for slot, output in zip(slots, outputs, strict=True):
                 result = results[slot]
                 result.prompt_token_ids = list(output.prompt_token_ids)
-                result.completions = [_completion(c) for c in output.outputs]
+                result.completions = [completion_from_vllm(c) for c in output.outputs]
         return results
 
     # ------------------------------------------------------------------ weights
@@ -154,25 +161,42 @@ class RolloutEngine:
         self.weight_version = version
         return int(counts[0])
 
-    def receive_raw(self, sizes: Sequence[int]) -> int:
-        """Receive and drop raw buffers (the transport baseline for benchmarks)."""
-        return int(self.llm.collective_rpc(receive.drain, args=(list(sizes),))[0])
-
-    def load_weights(self, named: Sequence[tuple[str, Any]], version: int) -> int:
-        """Load named tensors passed directly (small pushes, tests)."""
-        counts = self.llm.collective_rpc(receive.load_named_weights, args=(list(named),))
+    def receive_handoff(self, specs: Sequence[BucketSpec], version: int, channel: Channel) -> int:
+        """Receive one push handed over within the node (colocated placement, `omni.handoff`)."""
+        counts = self.llm.collective_rpc(receive.receive_handoff, args=(list(specs), channel))
         self._reset_caches()
         self.weight_version = version
         return int(counts[0])
+
+    # ------------------------------------------------------------------ sharing a GPU
+    def sleep(self, level: int) -> dict[str, float]:
+        """Free the GPU for the learner: level 1 keeps the weights in host memory, level 2 drops
+        them (the next push brings new ones). Returns the seconds and the GPU memory then in use."""
+        started = time.perf_counter()
+        if not self.asleep:
+            self.llm.sleep(level=level)
+            self.asleep = {"weights", "kv_cache"}
+        return {"seconds": time.perf_counter() - started, "gpu_used_gb": _gpu_used_gb()}
+
+    def wake_up(self, tags: Sequence[str] = ("weights", "kv_cache")) -> dict[str, float]:
+        """Take the GPU back: ``["weights"]`` before a push, ``["kv_cache"]`` after it. Waking
+        what is awake does nothing (an engine restarted while the others slept starts awake)."""
+        started = time.perf_counter()
+        waking = [t for t in tags if t in self.asleep]
+        if waking:
+            self.llm.wake_up(tags=waking)
+            self.asleep -= set(waking)
+        return {"seconds": time.perf_counter() - started, "gpu_used_gb": _gpu_used_gb()}
+
+    def receive_raw(self, sizes: Sequence[int]) -> int:
+        """Receive and drop raw buffers (the transport baseline for benchmarks)."""
+        return int(self.llm.collective_rpc(receive.drain, args=(list(sizes),))[0])
 
     def _reset_caches(self) -> None:
         self.llm.reset_prefix_cache()
         engine = self.llm.llm_engine
         if hasattr(engine, "reset_encoder_cache"):
             engine.reset_encoder_cache()
-
-    def weights_digest(self, names: Sequence[str] | None = None) -> dict[str, float]:
-        return self.llm.collective_rpc(receive.weights_digest, args=(names,))[0]
 
     # ------------------------------------------------------------------ housekeeping
     def info(self) -> dict[str, Any]:
@@ -194,11 +218,29 @@ class RolloutEngine:
         return True
 
 
-def _completion(output: Any) -> Completion:
+def _gpu_used_gb() -> float:
+    """Memory in use on this engine's GPU by every process (the learner rank that shares it too)."""
+    import torch
+
+    free, total = torch.cuda.mem_get_info()
+    return (total - free) / 2**30
+
+
+def completion_from_vllm(output: Any) -> Completion:
+    """One vLLM completion output → a Completion with exactly one sampler log-prob per token.
+
+    A token whose log-prob vLLM did not return (no entry, the token missing from its entry, or
+    fewer entries than tokens) or returned as a non-finite number keeps NaN: "unknown", which the
+    learner counts and leaves out of the mismatch metrics and the importance weights. Never 0,
+    which would read as "the sampler was certain".
+    """
     token_ids = list(output.token_ids)
+    entries = list(output.logprobs or [])
     logprobs = []
-    for token, entry in zip(token_ids, output.logprobs or [], strict=False):
-        logprobs.append(float(entry[token].logprob) if token in entry else float("nan"))
+    for position, token in enumerate(token_ids):
+        entry = entries[position] if position < len(entries) else None
+        value = float(entry[token].logprob) if entry is not None and token in entry else math.nan
+        logprobs.append(value if math.isfinite(value) else math.nan)
     return Completion(
         text=output.text,
         token_ids=token_ids,

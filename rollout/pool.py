@@ -26,11 +26,6 @@ class PendingRollout:
     slots: list[list[int]]
     size: int
     engines: list[int]
-    records: list[list[Record]]
-
-    def ready(self) -> bool:
-        done, _ = ray.wait(self.futures, num_returns=len(self.futures), timeout=0)
-        return len(done) == len(self.futures)
 
 
 class EnginePool:
@@ -61,7 +56,7 @@ class EnginePool:
         media_overrides: Sequence[dict[str, Any] | None] | None = None,
     ) -> PendingRollout:
         targets = self.assign(len(records))
-        futures, slots, engines, groups = [], [], [], []
+        futures, slots, engines = [], [], []
         for engine in sorted(set(targets)):
             idx = [i for i, t in enumerate(targets) if t == engine]
             sub = [records[i] for i in idx]
@@ -69,9 +64,8 @@ class EnginePool:
             futures.append(self.engines[engine].generate.remote(sub, n, sampling, salt, overrides))
             slots.append(idx)
             engines.append(engine)
-            groups.append(sub)
             self.load[engine] += len(idx)
-        return PendingRollout(futures, slots, len(records), engines, groups)
+        return PendingRollout(futures, slots, len(records), engines)
 
     def collect(self, pending: PendingRollout) -> list[RolloutResult]:
         results, dead = self.collect_partial(pending)

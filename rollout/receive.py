@@ -7,9 +7,12 @@ from typing import Any
 
 import torch
 
+from omni.handoff import Channel, receive_over
+from omni.names import EMBED_TOKENS, LM_HEAD, THINKER_PREFIX
 from omni.weightsync import BucketSpec, GroupInfo, SyncGroup, receive_buckets, receive_raw
 
 _GROUP_ATTR = "_echoink_sync_group"
+_IPC_CACHE_ATTR = "_echoink_ipc_buffers"  # CUDA IPC buffers opened once, kept across pushes
 
 
 def _model(worker: Any) -> torch.nn.Module:
@@ -28,25 +31,45 @@ def join_sync_group(worker: Any, info: GroupInfo, first_rank: int) -> int:
     return rank
 
 
+def head_shares_embeddings(worker: Any) -> bool:
+    """Whether this engine's LM head is its input-embedding matrix (a tied checkpoint)."""
+    language_model = getattr(_model(worker), "language_model", None)
+    if language_model is None:
+        return False
+    head = getattr(getattr(language_model, "lm_head", None), "weight", None)
+    embed = getattr(getattr(getattr(language_model, "model", None), "embed_tokens", None), "weight", None)
+    return head is not None and head is embed
+
+
 def load_named_weights(worker: Any, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
     """Load full (unsharded) ``thinker.…`` tensors in place; returns how many arrived.
 
     The CPU backend repacks linear weights at start-up, so a plain ``load_weights`` cannot write
     into them afterwards; ``reload_weights`` loads checkpoint-format tensors and re-runs that
     processing. GPU workers load straight into their parameters.
+
+    A tied head arrives as the embeddings alone (``omni.names.without_tied_head``). On GPUs that
+    is all it needs: the head is the same storage. The CPU backend also keeps a repacked copy of
+    the head for its logits GEMM, rebuilt only when the head itself is reloaded (seen on vLLM
+    0.32 CPU: without it the engine kept sampling from the old head), so there the embeddings
+    are fed in a second time under the head's name. That extra tensor is not counted.
     """
     from vllm.platforms import current_platform
 
     count = 0
+    runner = worker.model_runner
+    cpu_reload = current_platform.is_cpu() and hasattr(runner, "reload_weights")
+    refeed_head = cpu_reload and head_shares_embeddings(worker)
 
     def counted() -> Iterable[tuple[str, torch.Tensor]]:
         nonlocal count
-        for item in weights:
+        for name, tensor in weights:
             count += 1
-            yield item
+            yield name, tensor
+            if refeed_head and name == THINKER_PREFIX + EMBED_TOKENS:
+                yield THINKER_PREFIX + LM_HEAD, tensor
 
-    runner = worker.model_runner
-    if current_platform.is_cpu() and hasattr(runner, "reload_weights"):
+    if cpu_reload:
         runner.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
     else:
         _model(worker).load_weights(weights=counted())
@@ -58,6 +81,26 @@ def receive_weights(worker: Any, specs: Sequence[BucketSpec]) -> int:
     if group is None:
         raise RuntimeError("this engine has not joined a weight-sync group (init_weight_sync first)")
     count = load_named_weights(worker, receive_buckets(group, specs))
+    if _device(worker).type == "cuda":
+        torch.cuda.synchronize()
+    return count
+
+
+def receive_handoff(worker: Any, specs: Sequence[BucketSpec], channel: Channel) -> int:
+    """Load one push handed over inside the node (colocated placement, ``omni.handoff``): shared
+    memory of Ray's object store on CPUs, CUDA IPC buffers on GPUs. Returns how many tensors
+    arrived; the caller checks that count and resets the engine's caches, as after a broadcast.
+
+    All buckets go through one ``load_named_weights`` call (a layer split over two CPU reloads
+    would keep unloaded parts). Each bucket is checked against its spec before it is read and
+    released to the sender as soon as the loader has taken it. Opened CUDA IPC buffers stay
+    cached on the worker: the sender reuses them, so later pushes open nothing.
+    """
+    cache: dict[Any, Any] | None = getattr(worker, _IPC_CACHE_ATTR, None)
+    if cache is None:
+        cache = {}
+        setattr(worker, _IPC_CACHE_ATTR, cache)
+    count = load_named_weights(worker, receive_over(specs, channel, cache))
     if _device(worker).type == "cuda":
         torch.cuda.synchronize()
     return count

@@ -14,7 +14,7 @@ class Completion:
 
     text: str
     token_ids: list[int]
-    logprobs: list[float]
+    logprobs: list[float]  # one per token; NaN where vLLM gave none (never read as 0)
     finish_reason: str  # "stop" (end of turn), "length" (token limit), "abort"
 
 
@@ -57,3 +57,4 @@ class EngineSettings:
     load_format: str = "auto"  # "dummy": random weights from config.json (benchmarks)
     media: MediaSettings = MediaSettings()
     system_prompt: str | None = None
+    sleep_mode: bool = False  # colocated on a GPU: vLLM frees its GPU memory while the learner trains

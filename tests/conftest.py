@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from orchestrator.placement import actor_env
+
 os.environ.setdefault("RAY_DEDUP_LOGS", "0")
 # DeepSpeed compiles a CPU communication op on first use; keep the build between runs
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(Path(__file__).resolve().parent.parent / ".cache" / "torch_extensions"))
+# the test session's Ray workers (and engines built in this process) get what the trainer's actors get
+for _key, _value in actor_env().items():
+    os.environ.setdefault(_key, _value)
 
 
 @pytest.fixture(scope="session")

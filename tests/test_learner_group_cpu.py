@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
 from pathlib import Path
 
 import pytest
@@ -10,9 +12,16 @@ import ray
 import torch
 
 from avqa import load_records
-from learner.group import LearnerGroup, shard
+from learner.group import LearnerDied, LearnerGroup, combine, shard
 from learner.types import Experience, LearnerSettings
 from omni.inputs import load_processor
+from omni.metrics import LEARNER_METRICS
+
+# what a CPU step without sampler log-probs reports: every learner metric of the table but the
+# mismatch ones (nothing to compare with) and GPU memory
+CPU_ON_POLICY = {m.name for m in LEARNER_METRICS} - {
+    "mismatch/token_prob_error", "mismatch/logprob_abs_error", "mismatch/missing_logprobs", "memory/learner_peak_gb"
+}
 
 END = 1634  # <|im_end|> in the tiny tokenizer (checked in the fixture)
 COMPLETIONS = [
@@ -92,19 +101,34 @@ def test_two_ranks_update_like_one(ray_local, tiny_checkpoint, experiences, stag
         before = dict(one.named_weights())
         m1 = one.train_step(experiences)
         after1 = dict(one.named_weights())
+        logps1 = one.compute_logprobs(experiences)
     finally:
         one.kill()
     two = group(ray_local, settings(tiny_checkpoint, num_ranks=2, zero_stage=stage))
     try:
         m2 = two.train_step(experiences)
         after2 = dict(two.named_weights())
+        # every rank computes its share (under ZeRO-3 one rank alone would wait for the others'
+        # parameter gathers until the collective timeout); results come back in input order
+        logps2 = two.compute_logprobs(experiences)
+        # a dead rank ends the call at once instead of leaving the other in a collective
+        ray.kill(two.workers[1])
+        started = time.monotonic()
+        with pytest.raises(LearnerDied, match="a learner rank died during computing log-probs"):
+            two.compute_logprobs(experiences)
+        assert time.monotonic() - started < 30
     finally:
         two.kill()
     assert m1["loss"] == pytest.approx(m2["loss"], rel=1e-5, abs=1e-7)
     assert m1["grad_norm"] == pytest.approx(m2["grad_norm"], rel=1e-4)
     # tokens after the first end-of-turn do not count
     counted = sum(e.completion_ids.index(END) + 1 for e in experiences)
-    assert m1["tokens"] == m2["tokens"] == counted < sum(len(e.completion_ids) for e in experiences)
+    assert m1["learner/tokens"] == m2["learner/tokens"] == counted < sum(len(e.completion_ids) for e in experiences)
+    assert set(m1) == set(m2) == CPU_ON_POLICY  # exactly the table's learner metrics
+    assert m1["ratio/mean"] == m1["ratio/max"] == m1["ratio/min"] == 1.0  # on-policy: π_old is π
+    assert [len(lp) for lp in logps1] == [len(lp) for lp in logps2] == [e.completion_ids.index(END) + 1 for e in experiences]
+    for a, b in zip(logps1, logps2, strict=True):
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-5)
     moved = max((after1[n] - before[n]).abs().max().item() for n in before)
     diff = max((after1[n] - after2[n]).abs().max().item() for n in before)
     assert moved > 1e-4  # the step changed the weights ...
@@ -128,7 +152,7 @@ def test_shared_prompts_update_like_one_copy_per_completion(ray_local, tiny_chec
     (m_full, after_full), (m_shared, after_shared) = results
     assert m_shared["loss"] == pytest.approx(m_full["loss"], rel=1e-5, abs=1e-7)
     assert m_shared["grad_norm"] == pytest.approx(m_full["grad_norm"], rel=1e-4)
-    assert m_shared["input_tokens"] < m_full["input_tokens"]  # the prompts were computed fewer times
+    assert m_shared["learner/input_tokens"] < m_full["learner/input_tokens"]  # the prompts were computed fewer times
     moved = max((after_full[n] - before[n]).abs().max().item() for n in before)
     diff = max((after_full[n] - after_shared[n]).abs().max().item() for n in before)
     assert moved > 1e-4 and diff < 1e-6
@@ -174,7 +198,8 @@ def test_advantage_sign_moves_logprob(ray_local, tiny_checkpoint, experiences) -
         before = [sum(lp) for lp in g.compute_logprobs([pos, neg])]
         metrics = g.train_step([pos, neg])
         after = [sum(lp) for lp in g.compute_logprobs([pos, neg])]
-        assert metrics["kl"] == 0.0 and metrics["sequences"] == 2
+        # both completions trained (end-of-turn included), nothing else
+        assert metrics["kl"] == 0.0 and metrics["learner/tokens"] == len(pos.completion_ids) + len(neg.completion_ids)
         assert after[0] > before[0] + 1e-3
         assert after[1] < before[1] - 1e-3
     finally:
@@ -208,6 +233,60 @@ def test_saved_checkpoint_reloads_with_the_same_logprobs(ray_local, tiny_checkpo
         assert state["step"] == 2
     finally:
         reloaded.kill()
+
+
+def test_missing_sampler_logprobs_are_counted_and_never_read_as_zero(ray_local, tiny_checkpoint, experiences) -> None:
+    """Sampler log-probs equal to the policy's, then the same batch with holes (a NaN, a -inf, a
+    list three entries short): the holes are counted, left out of the mismatch metrics, and get
+    importance weight 1, so the step is the one with complete log-probs. Read as log μ = 0 they
+    would give a mismatch of |log π| and weights π < 1."""
+    g = group(ray_local, settings(tiny_checkpoint, off_policy=True, lr=0.0, micro_batch_size=4))
+    try:
+        batch = experiences[:4] + experiences[5:6]  # the last has tokens after its end-of-turn
+        policy = g.compute_logprobs(batch)
+        full = [Experience(e.record, e.completion_ids, e.advantage, lp) for e, lp in zip(batch, policy, strict=True)]
+        holes = [list(lp) for lp in policy]
+        holes[0][2] = math.nan
+        holes[1][1] = -math.inf
+        holes[2] = holes[2][:-3]
+        assert len(holes[4]) < len(batch[4].completion_ids)  # short by the untrained tail only: not missing
+        gappy = [Experience(e.record, e.completion_ids, e.advantage, lp) for e, lp in zip(batch, holes, strict=True)]
+        complete = g.train_step(full)  # lr 0: the weights stay, both steps see the same policy
+        with_holes = g.train_step(gappy)
+    finally:
+        g.kill()
+    assert set(complete) == set(with_holes) == CPU_ON_POLICY | {
+        "mismatch/token_prob_error", "mismatch/logprob_abs_error", "mismatch/missing_logprobs"
+    }
+    assert complete["mismatch/missing_logprobs"] == 0.0
+    assert with_holes["mismatch/missing_logprobs"] == 5.0
+    for m in (complete, with_holes):
+        assert m["mismatch/logprob_abs_error"] < 1e-5 and m["mismatch/token_prob_error"] < 1e-6
+    assert with_holes["loss"] == pytest.approx(complete["loss"], rel=1e-5, abs=1e-7)
+    assert with_holes["grad_norm"] == pytest.approx(complete["grad_norm"], rel=1e-5)
+
+
+def test_combine_follows_the_metric_table() -> None:
+    """Two ranks' parts: sums add, per-token values are weighted by each rank's tokens, mismatch
+    values by the tokens that had a sampler log-prob, extremes and rank 0's values are taken."""
+    rank0 = {"loss": 0.5, "learner/tokens": 10.0, "kl": 10 * 0.2, "ratio/mean": 10 * 1.0, "ratio/max": 1.5,
+             "ratio/min": 0.9, "grad_norm": 3.0, "lr": 1e-6, "timing/learn_s": 2.0, "learner/step_skipped": 0.0,
+             "mismatch/logprob_abs_error": 8 * 0.01, "mismatch/missing_logprobs": 2.0, "_sampled_tokens": 8.0}
+    rank1 = {"loss": 0.25, "learner/tokens": 30.0, "kl": 30 * 0.4, "ratio/mean": 30 * 1.2, "ratio/max": 1.2,
+             "ratio/min": 0.7, "grad_norm": 99.0, "lr": 1e-6, "timing/learn_s": 3.0, "learner/step_skipped": 1.0,
+             "mismatch/logprob_abs_error": 30 * 0.03, "mismatch/missing_logprobs": 0.0, "_sampled_tokens": 30.0}
+    out = combine([rank0, rank1])
+    assert out["loss"] == 0.75 and out["learner/tokens"] == 40.0
+    assert out["kl"] == pytest.approx((10 * 0.2 + 30 * 0.4) / 40)
+    assert out["ratio/mean"] == pytest.approx((10 + 36) / 40)
+    assert (out["ratio/max"], out["ratio/min"]) == (1.5, 0.7)
+    assert out["grad_norm"] == 3.0 and out["timing/learn_s"] == 3.0 and out["learner/step_skipped"] == 1.0
+    assert out["mismatch/logprob_abs_error"] == pytest.approx((0.08 + 0.9) / 38)
+    assert out["mismatch/missing_logprobs"] == 2.0
+    assert "mismatch/token_prob_error" not in out and "memory/learner_peak_gb" not in out  # nobody reported them
+    assert not any(name.startswith("_") for name in out)  # helper counts are no metrics
+    with pytest.raises(ValueError, match=r"does not list: \['tokens'\]"):
+        combine([{**rank0, "tokens": 10.0}])  # an old or misspelt name is not dropped silently
 
 
 def test_freeze_prefixes_holds_named_parameters_and_refuses_typos(tiny_checkpoint) -> None:

@@ -199,3 +199,82 @@ def test_sizes_are_validated() -> None:
     assert TinySizes().head_dim == 64
     with pytest.raises(ValueError, match="64"):
         TinySizes(hidden_size=96)
+
+
+# --------------------------------------------------------------------------- tied head, 3B layout
+
+
+def test_a_tied_checkpoint_stores_one_matrix_and_says_so_everywhere(
+    checkpoint: Path, tmp_path: Path
+) -> None:
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+    from omni.names import head_is_tied
+
+    tied = build_tiny_checkpoint(tmp_path / "tied", seed=0, sizes=TinySizes(tie_word_embeddings=True))
+    config = json.loads((tied / "config.json").read_text())
+    # vLLM ties from the top level, transformers from the thinker config: all must say the same
+    assert config["tie_word_embeddings"] is True
+    assert config["thinker_config"]["tie_word_embeddings"] is True
+    assert config["thinker_config"]["text_config"]["tie_word_embeddings"] is True
+    names = set(load_file(tied / "model.safetensors"))
+    assert "thinker.lm_head.weight" not in names and "thinker.model.embed_tokens.weight" in names
+    assert names | {"thinker.lm_head.weight"} == set(load_file(checkpoint / "model.safetensors"))
+    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(tied), dtype=torch.float32)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert head_is_tied(tied) is True and head_is_tied(checkpoint) is False
+    assert json.loads((checkpoint / "config.json").read_text())["tie_word_embeddings"] is False
+
+
+def test_head_is_tied_refuses_configs_the_two_sides_read_differently() -> None:
+    from omni.names import head_is_tied
+
+    thinker = {"tie_word_embeddings": True, "text_config": {"tie_word_embeddings": True}}
+    assert head_is_tied({"tie_word_embeddings": True, "thinker_config": thinker}) is True
+    assert head_is_tied(thinker) is True  # a thinker config alone: the learner's view
+    assert head_is_tied({"text_config": {"tie_word_embeddings": False}}) is False
+    with pytest.raises(ValueError, match=r"tie_word_embeddings=False but thinker_config.tie_word_embeddings=True"):
+        head_is_tied({"tie_word_embeddings": False, "thinker_config": thinker})
+    with pytest.raises(ValueError, match="no tie_word_embeddings"):
+        head_is_tied({"thinker_config": {"text_config": {}}})
+
+
+def test_a_tied_head_is_left_out_of_a_push() -> None:
+    from omni.names import without_tied_head
+
+    embed, head, layer = torch.ones(2), torch.ones(2), torch.zeros(1)
+    learner = [("model.embed_tokens.weight", embed), ("model.layers.0.w", layer), ("lm_head.weight", head)]
+    assert [n for n, _ in without_tied_head(learner, tied=True)] == ["model.embed_tokens.weight", "model.layers.0.w"]
+    assert without_tied_head(learner, tied=False) == learner
+    engine = [("thinker.lm_head.weight", head), ("module.thinker.model.embed_tokens.weight", embed)]
+    assert [n for n, _ in without_tied_head(engine, tied=True)] == ["module.thinker.model.embed_tokens.weight"]
+    assert without_tied_head([("model.layers.0.w", layer)], tied=True) == [("model.layers.0.w", layer)]
+    with pytest.raises(ValueError, match=r"'lm_head.weight' is pushed without 'model.embed_tokens.weight'"):
+        without_tied_head([("thinker.lm_head.weight", head), ("model.layers.0.w", layer)], tied=True)
+
+
+def test_the_3b_layout_is_the_released_thinker(tmp_path: Path) -> None:
+    from transformers import AutoConfig, Qwen2_5OmniThinkerForConditionalGeneration
+
+    from omni.tiny import LAYOUTS
+
+    folder = build_tiny_checkpoint(tmp_path / "3b", sizes=LAYOUTS["3b"], weights=False)
+    assert not list(folder.glob("*.safetensors"))
+    config = AutoConfig.from_pretrained(folder)
+    text = config.thinker_config.text_config
+    assert (text.hidden_size, text.num_hidden_layers, text.num_attention_heads) == (2048, 36, 16)
+    assert (text.num_key_value_heads, text.intermediate_size, text.vocab_size) == (2, 11008, 151936)
+    assert config.thinker_config.vision_config.out_hidden_size == 2048
+    assert config.thinker_config.audio_config.output_dim == 2048
+    with torch.device("meta"):
+        model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(config.thinker_config)
+    # the count omni/tiny.py's comment gives, untied head included
+    assert sum(p.numel() for p in model.parameters()) == 4_703_464_448
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+
+
+def test_the_cli_offers_every_layout() -> None:
+    from omni.tiny import LAYOUTS
+    from orchestrator.cli import MODEL_LAYOUTS
+
+    assert sorted(MODEL_LAYOUTS) == sorted(LAYOUTS)

@@ -137,6 +137,26 @@ def test_a_killed_learner_without_restarts_says_how_to_resume(ray_local, tiny_ch
     assert f"the last checkpoint is {out / 'checkpoints'}/step-0000" in message
 
 
+def test_learner_ranks_killed_during_a_weight_push_restart_from_the_last_checkpoint(
+    ray_local, tiny_checkpoint, synth_dir, tmp_path, monkeypatch
+) -> None:
+    """Both ranks are SIGKILLed inside their 3rd push (the one after step 2; the 1st is the push at
+    start), before step 2's checkpoint: the push raises LearnerDied, not Ray's raw actor error,
+    and the run restarts from step 1's checkpoint. The restarted ranks are new processes whose
+    failpoint counts start again, so they push twice (at start, after step 2) and finish."""
+    monkeypatch.setenv("ECHOINK_FAILPOINTS", "learner.push@3=kill")
+    out = tmp_path / "run"
+    config = tiny_config(
+        tiny_checkpoint, synth_dir, out, "total_steps=2", "checkpoint.every=1", "faults.max_restarts=1",
+        "faults.collective_timeout_s=60", "sync.timeout_s=60",
+    )
+    summary = train(config, console=False)
+    assert summary["finished"] and summary["restarts"] == 1
+    assert [s for s, _ in list_checkpoints(out)] == [1, 2]
+    assert drawn_ids(out) == expected_ids(synth_dir / "train" / "omni_rl_format_train.json", 2)
+    assert [r["step"] for r in read_metrics(out / "metrics.jsonl")] == [1, 2]
+
+
 def test_resume_words_without_a_checkpoint_say_step_zero(tmp_path) -> None:
     assert "no checkpoint was completed yet" in last_checkpoint_words(tmp_path)
     assert "starts from step 0" in last_checkpoint_words(tmp_path)
@@ -238,7 +258,7 @@ def test_weight_push_to_a_dead_engine_fails_within_the_timeout(ray_local, tiny_c
     from learner.group import LearnerGroup
     from orchestrator.weights import WeightSync
     from rollout.engine import RolloutEngine
-    from rollout.pool import EnginePool
+    from rollout.pool import EngineDied, EnginePool
     from rollout.types import EngineSettings
 
     learner = LearnerGroup(settings(tiny_checkpoint), [{"num_cpus": 1}])
@@ -251,8 +271,9 @@ def test_weight_push_to_a_dead_engine_fails_within_the_timeout(ray_local, tiny_c
         assert sync.push().tensors > 0
         ray_local.kill(engine)
         started = time.monotonic()
-        with pytest.raises(Exception, match="(?i)died|timed out|actor"):
+        with pytest.raises(EngineDied) as died:  # typed, naming the engine: the trainer restarts it
             sync.push()
+        assert died.value.engines == [0]
         assert time.monotonic() - started < 30
     finally:
         learner.kill()

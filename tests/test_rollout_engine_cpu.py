@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import shutil
 import socket
 from pathlib import Path
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 from avqa import load_records
 from omni.inputs import collate, completion_logprobs, encode_prompt, load_processor, prepare_prompt
 from omni.weightsync import GroupInfo, SyncGroup, pack_bucket, plan_buckets, send_buckets
-from rollout.engine import RolloutEngine
+from rollout.engine import RolloutEngine, completion_from_vllm
 from rollout.pool import EnginePool
 from rollout.types import EngineSettings, SamplingSettings
 
@@ -73,6 +74,30 @@ def test_prompt_ids_and_logprobs_match_the_learner_side(ray_local, engine, tiny_
     # (a shifted position, another token, other media) moves log-probs by 0.1 or more.
     assert max(diffs) < 1e-4, f"max |Δ log p| = {max(diffs):.2e}"
     assert np.mean(diffs) < 1e-5
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_a_completion_has_one_logprob_per_token_and_nan_where_vllm_gave_none(flat: bool) -> None:
+    """vLLM's own output types with the gaps it can leave: an entry without the sampled token, a
+    non-finite value, an empty position, fewer entries than tokens. Each gap is NaN (unknown),
+    never 0 (certain), and the list is as long as the tokens."""
+    from vllm.logprobs import FlatLogprobs, Logprob
+    from vllm.outputs import CompletionOutput
+
+    positions = [{11: Logprob(-0.5)}, {99: Logprob(-1.0)}, {13: Logprob(-math.inf)}, None, {15: Logprob(-2.0)}]
+    logprobs = FlatLogprobs() if flat else []
+    for position in positions:
+        logprobs.append(position)  # FlatLogprobs keeps an empty position where a list keeps None
+    output = CompletionOutput(
+        index=0, text="abc", token_ids=[11, 12, 13, 14, 15, 16, 17], cumulative_logprob=None,
+        logprobs=logprobs, finish_reason="length",
+    )
+    completion = completion_from_vllm(output)
+    assert len(completion.logprobs) == len(completion.token_ids) == 7
+    assert completion.logprobs[0] == -0.5 and completion.logprobs[4] == -2.0
+    assert all(math.isnan(completion.logprobs[i]) for i in (1, 2, 3, 5, 6))
+    no_logprobs = CompletionOutput(index=0, text="", token_ids=[1, 2], cumulative_logprob=None, logprobs=None)
+    assert [math.isnan(v) for v in completion_from_vllm(no_logprobs).logprobs] == [True, True]
 
 
 def test_broken_media_fails_one_question_and_the_engine_serves_on(

@@ -1,10 +1,12 @@
-"""Training on Ray clusters: two nodes (engines on one, learners on the other) and `ray job submit`."""
+"""Training on Ray clusters: two nodes (engines on one, learners on the other) and `ray job submit`
+with a config's relative paths (the path rule: `orchestrator.config.with_absolute_paths`)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -12,13 +14,120 @@ import subprocess
 import sys
 import textwrap
 import time
+import typing
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 from test_train_e2e_cpu import tiny_config
+
+from orchestrator.config import (
+    ConfigError,
+    RunConfig,
+    dump_config,
+    load_config,
+    with_absolute_paths,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
+
+# every path-valued key of the run config, listed by hand: a new one must be added here (and so to
+# the test of the path rule below), whatever its default
+PATH_KEYS = {"model_path", "output_dir", "data.train", "data.valid", "data.media_root"}
+
+
+def _mentions_path(annotation) -> bool:
+    return annotation is Path or any(_mentions_path(a) for a in typing.get_args(annotation))
+
+
+def _annotated_path_keys(model: type[BaseModel], prefix: str = "") -> set[str]:
+    keys = set()
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            keys |= _annotated_path_keys(field.annotation, f"{prefix}{name}.")
+        elif _mentions_path(field.annotation):
+            keys.add(prefix + name)
+    return keys
+
+
+def _get(config: RunConfig, key: str):
+    node = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def test_every_path_key_is_listed() -> None:
+    assert _annotated_path_keys(RunConfig) == PATH_KEYS
+
+
+def test_relative_paths_become_absolute_against_the_start_directory(tmp_path, monkeypatch) -> None:
+    relative = {key: Path("in") / key.replace(".", "-") for key in PATH_KEYS}
+    config = load_config(None, [f"{key}={value}" for key, value in relative.items()])
+    for key in PATH_KEYS - {"output_dir"}:  # inputs must exist; the run folder need not
+        (tmp_path / relative[key]).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative[key]).touch()
+    monkeypatch.chdir(tmp_path)  # default base: where the command started
+    resolved = with_absolute_paths(config)
+    changed = {k for k in PATH_KEYS if _get(resolved, k) != _get(config, k)}
+    assert changed == PATH_KEYS
+    for key in PATH_KEYS:
+        assert _get(resolved, key) == tmp_path / relative[key], key
+        assert _get(config, key) == relative[key], key  # a copy: the given config is unchanged
+    # absolute paths stay as they are; an explicit base wins over the current directory
+    assert with_absolute_paths(resolved, tmp_path / "elsewhere") == resolved
+    other = tmp_path / "other"
+    assert with_absolute_paths(config, other, must_exist=()).model_path == other / relative["model_path"]
+    # null optional paths stay null
+    assert with_absolute_paths(load_config(None, ["data.valid=null"]), must_exist=()).data.valid is None
+
+
+def test_a_missing_path_names_the_key_the_given_path_and_the_path_tried(tmp_path) -> None:
+    config = load_config(None, ["model_path=checkpoints/none", "data.train=data/none.json", "output_dir=runs/new"])
+    with pytest.raises(ConfigError) as info:
+        with_absolute_paths(config, tmp_path, must_exist=("model_path", "data.train", "output_dir"))
+    message = str(info.value)
+    assert f"model_path: 'checkpoints/none' does not exist (tried {tmp_path / 'checkpoints' / 'none'})" in message
+    assert f"data.train: 'data/none.json' does not exist (tried {tmp_path / 'data' / 'none.json'})" in message
+    assert "output_dir: 'runs/new'" in message
+    assert "working_dir" not in message  # no Ray package hint outside one
+    with pytest.raises(ValueError, match="'data.test' is not a path key"):
+        with_absolute_paths(config, tmp_path, must_exist=("data.test",))
+    # by default every path but output_dir must exist
+    with pytest.raises(ConfigError) as info:
+        with_absolute_paths(config, tmp_path)
+    assert "data.valid:" in str(info.value) and "output_dir" not in str(info.value)
+
+
+def test_inside_an_uploaded_working_dir_the_error_and_warning_say_why(tmp_path) -> None:
+    package = tmp_path / "runtime_resources" / "working_dir_files" / "_ray_pkg_0123abcd"
+    package.mkdir(parents=True)
+    config = load_config(None, ["model_path=checkpoints/tiny", "data.valid=null", "output_dir=runs/job"])
+    with pytest.raises(ConfigError, match=r'package|working_dir') as info:
+        with_absolute_paths(config, package)
+    assert f"tried {package / 'checkpoints' / 'tiny'}" in str(info.value)
+    assert 'submit with --working-dir "local://$PWD"' in str(info.value)
+    with pytest.warns(UserWarning, match=r"output_dir 'runs/job' is .*_ray_pkg_0123abcd.*--resume would not find"):
+        with_absolute_paths(config, package, must_exist=())
+
+
+def test_a_path_key_the_walk_cannot_handle_is_refused() -> None:
+    class WithPathList(RunConfig):
+        extra_media: list[Path] = []
+
+    with pytest.raises(TypeError, match="extra_media"):
+        with_absolute_paths(WithPathList(), must_exist=())
+
+
+def test_eval_checkpoint_is_resolved_and_checked(synth_dir, tmp_path, monkeypatch, capsys) -> None:
+    from orchestrator.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    valid = synth_dir / "valid" / "omni_rl_format_valid.json"
+    assert main(["eval", "--checkpoint", "ckpt/none", "--set", f"data.valid={valid}"]) == 2
+    err = capsys.readouterr().err
+    assert f"--checkpoint: 'ckpt/none' does not exist (tried {tmp_path / 'ckpt' / 'none'})" in err
 
 
 def free_port() -> int:
@@ -86,9 +195,15 @@ def ray_head(tmp_path):
         f"--runtime-env-agent-port={free_port()}", f"--metrics-export-port={free_port()}",
         f"--ray-client-server-port={free_port()}",
     ]
-    head = subprocess.Popen(start, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    # the head (its raylet, so every worker and actor without a working_dir) runs in a folder of its own:
+    # a relative path that reached an actor unresolved would name a file there, not the user's
+    head_cwd = tmp_path / "head-cwd"
+    head_cwd.mkdir()
+    log = tmp_path / "ray-head.log"  # shown when the job API does not come up
+    with log.open("w") as sink:
+        head = subprocess.Popen(start, env=env, cwd=head_cwd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield f"http://127.0.0.1:{dash}", f"127.0.0.1:{port}", env
+        yield f"http://127.0.0.1:{dash}", head_cwd, env, log
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             with contextlib.suppress(ProcessLookupError):
@@ -104,33 +219,65 @@ def ray_head(tmp_path):
         shutil.rmtree(temp, ignore_errors=True)
 
 
-def test_ray_job_submit_runs_training(ray_head, tiny_checkpoint, synth_dir, tmp_path) -> None:
-    dashboard, gcs, env = ray_head
-    out = tmp_path / "job-run"
-    config = tiny_config(tiny_checkpoint, synth_dir, out, "total_steps=2", "checkpoint.every=0")
-    config_file = tmp_path / "job.yaml"
-    from orchestrator.config import dump_config
+def a_checkout(root: Path, tiny_checkpoint: Path, synth_dir: Path) -> Path:
+    """A folder laid out as this repository is after `make demo`: configs/ tracked; data/,
+    checkpoints/ and runs/ ignored by the repository's own .gitignore; a config with relative paths."""
+    project = root / "checkout"
+    (project / "configs").mkdir(parents=True)
+    shutil.copyfile(REPO / ".gitignore", project / ".gitignore")
+    shutil.copytree(synth_dir, project / "data" / "synth")
+    shutil.copytree(tiny_checkpoint, project / "checkpoints" / "tiny")
+    config = tiny_config(Path("checkpoints/tiny"), Path("data/synth"), Path("runs/job"), "total_steps=2", "checkpoint.every=0")
+    text = dump_config(config)
+    assert "model_path: checkpoints/tiny\n" in text and "output_dir: runs/job\n" in text  # relative, as a user writes them
+    (project / "configs" / "job.yaml").write_text(text)
+    return project
 
-    config_file.write_text(dump_config(config))
-    for _ in range(60):  # the job API comes up a little after `ray start` returns
+
+def test_ray_job_submit_runs_training_from_relative_paths(ray_head, tiny_checkpoint, synth_dir, tmp_path) -> None:
+    dashboard, head_cwd, env, head_log = ray_head
+    project = a_checkout(tmp_path, tiny_checkpoint, synth_dir)
+    for _ in range(90):  # the job API comes up a little after `ray start` returns
         probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", dashboard], capture_output=True, env=env)
         if probe.returncode == 0:
             break
         time.sleep(2)
-    assert probe.returncode == 0, probe.stderr[-2000:]
-    submit = [
-        str(BIN / "ray"), "job", "submit", "--address", dashboard, "--",
-        str(BIN / "echoink"), "train", "--config", str(config_file),
-    ]
-    for _ in range(30):
-        proc = subprocess.run(submit, capture_output=True, text=True, env=env, timeout=900, cwd=tmp_path)
-        # the job agent on the node starts a little after the job API: nothing was submitted yet
-        if proc.returncode == 0 or "No available agent" not in proc.stderr:
-            break
-        time.sleep(2)
+    assert probe.returncode == 0, (probe.stderr[-2000:], head_log.read_text()[-3000:])
+
+    def submit(*args: str) -> subprocess.CompletedProcess:
+        command = [str(BIN / "ray"), "job", "submit", "--address", dashboard, *args]
+        for _ in range(30):
+            proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=project)
+            # the job agent on the node starts a little after the job API: nothing was submitted yet
+            if proc.returncode == 0 or "No available agent" not in proc.stderr:
+                return proc
+            time.sleep(2)
+        return proc
+
+    train = [str(BIN / "echoink"), "train", "--config", "configs/job.yaml"]
+    # Ray runs the entrypoint in the job's working_dir; `local://` is the folder itself (README's
+    # one-machine form): the driver reads relative paths there (a missing one fails before any actor)
+    proc = submit("--working-dir", f"local://{project}", "--", *train, "--set", "data.valid=data/none.json")
+    assert proc.returncode != 0
+    assert f"data.valid: 'data/none.json' does not exist (tried {project / 'data' / 'none.json'})" in proc.stdout, proc.stdout[-3000:]
+    # an uploaded working_dir (`--working-dir .`, `make submit`): Ray's unpacked copy, without the
+    # ignored data/ and checkpoints/; the error says where it looked and how to submit instead
+    proc = submit("--working-dir", ".", "--", *train)
+    assert proc.returncode != 0
+    assert "model_path: 'checkpoints/tiny' does not exist (tried " in proc.stdout, proc.stdout[-3000:]
+    assert "_ray_pkg_" in proc.stdout and 'submit with --working-dir "local://$PWD"' in proc.stdout
+
+    # the run: started in the checkout, its actors in the head's folder; it trains on the checkout's files
+    proc = submit("--", "bash", "-c", f"cd {shlex.quote(str(project))} && {shlex.join(train)}")
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "succeeded" in proc.stdout.lower()
+    out = project / "runs" / "job"
     assert f"run folder:   {out}" in proc.stdout
+    assert not (head_cwd / "runs").exists()
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2]
     assert (out / "checkpoints" / "step-000002" / "run_state.json").is_file()
+    recorded = load_config(out / "config.yaml")  # the resolved config, as every actor got it
+    assert recorded.model_path == project / "checkpoints" / "tiny"
+    assert recorded.data.train == project / "data" / "synth" / "train" / "omni_rl_format_train.json"
+    assert recorded.output_dir == out

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from omni.metrics import unknown
 from orchestrator.checkpoint import list_checkpoints, read_run_state
 from orchestrator.config import load_config
 from orchestrator.metrics import read_metrics
@@ -78,7 +79,10 @@ def test_run_folder_has_metrics_checkpoint_and_tensorboard(uninterrupted) -> Non
             assert key in row, key
             assert isinstance(row[key], int | float) and math.isfinite(row[key]), (key, row[key])
         assert row["timing/step_s"] >= row["timing/learn_s"] > 0
+        assert unknown(set(row) - {"step", "time"}) == [], "metric names missing from omni/metrics.py's table"
         assert 0 <= row["reward/format"] <= 1 and row["completion_length/mean"] <= 16
+    # what policy_loss computes reaches the run (it used to be dropped on the way)
+    assert all(r["ratio/min"] <= r["ratio/mean"] <= r["ratio/max"] for r in rows)
     assert rows[0]["lr"] == pytest.approx(1e-4)  # cosine starts at the base rate
     assert rows[-1]["lr"] < rows[0]["lr"]
     streak = 0  # consecutive steps in which no group had two different rewards

@@ -1,0 +1,127 @@
+"""The run config → the settings objects of rollout, learner and evaluation.
+
+`orchestrator.config.RunConfig` is the only place a default lives; every translation from it to a
+package's settings dataclass is here, so the trainer, `echoink eval`, the warm start and the
+benchmarks build the same engines and learners from the same keys. The dataclasses keep defaults
+of their own for callers that build them by hand (tests, benchmarks); a test proves that those
+defaults equal what this module makes of `RunConfig()`, and another that every config key is
+consumed somewhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from learner.types import LearnerSettings
+from omni.inputs import MediaSettings
+from orchestrator.config import RunConfig
+from orchestrator.evaluate import EvalSettings
+from rollout.types import EngineSettings, SamplingSettings
+
+
+def media_settings(config: RunConfig) -> MediaSettings:
+    m = config.media
+    return MediaSettings(
+        min_pixels=m.min_pixels,
+        max_pixels=m.max_pixels,
+        max_audio_seconds=m.max_audio_seconds,
+        sample_rate=m.sample_rate,
+    )
+
+
+def sampling_settings(config: RunConfig) -> SamplingSettings:
+    """The rollout's sampling; per-request seeds derive from the run seed and the question."""
+    s = config.sampling
+    return SamplingSettings(
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        max_new_tokens=s.max_new_tokens,
+        seed=config.seed,
+    )
+
+
+def engine_settings(config: RunConfig, model_path: Path | None = None, *, sleep_mode: bool = False) -> EngineSettings:
+    """One rollout engine; ``model_path`` overrides ``config.model_path`` (a checkpoint to evaluate);
+    ``sleep_mode`` for an engine that shares its GPU with a learner rank (placement decides)."""
+    r = config.rollout
+    return EngineSettings(
+        model_path=Path(model_path or config.model_path),
+        tensor_parallel_size=r.tensor_parallel_size,
+        max_model_len=r.max_model_len,
+        memory_share=r.memory_share,
+        kv_cache_bytes=int(r.kv_cache_mb * 2**20) if r.kv_cache_mb else None,
+        enforce_eager=r.enforce_eager,
+        max_num_seqs=r.max_num_seqs,
+        seed=config.seed,
+        load_format=r.load_format,
+        media=media_settings(config),
+        system_prompt=config.system_prompt,
+        sleep_mode=sleep_mode,
+    )
+
+
+def learner_settings(
+    config: RunConfig, total_steps: int, model_path: Path | None = None, *, release_memory: bool = False
+) -> LearnerSettings:
+    """The learner group; ``model_path`` overrides ``config.model_path`` (a checkpoint to resume);
+    ``release_memory`` for ranks that share their GPU with a sleeping engine (placement decides)."""
+    lc, g = config.learner, config.grpo
+    return LearnerSettings(
+        model_path=Path(model_path or config.model_path),
+        num_ranks=lc.num_ranks,
+        zero_stage=lc.zero_stage,
+        dtype=lc.dtype,
+        gradient_checkpointing=lc.gradient_checkpointing,
+        micro_batch_size=lc.micro_batch_size,
+        lr=lc.lr,
+        betas=tuple(lc.betas),
+        weight_decay=lc.weight_decay,
+        adam_eps=lc.adam_eps,
+        lr_schedule=lc.lr_schedule,
+        warmup_steps=lc.warmup_steps,
+        min_lr_ratio=lc.min_lr_ratio,
+        total_steps=total_steps,
+        grad_clip=lc.grad_clip,
+        freeze_audio_tower=lc.freeze_audio_tower,
+        freeze_vision_tower=lc.freeze_vision_tower,
+        freeze=tuple(lc.freeze),
+        share_prompts=lc.share_prompts,
+        attn_implementation=lc.attn_implementation,
+        beta=g.beta,
+        kl_estimator=g.kl_estimator,
+        clip_eps=g.clip_eps,
+        loss_agg=g.loss_agg,
+        off_policy=g.off_policy,
+        is_clip=g.is_clip,
+        temperature=config.sampling.temperature,
+        max_new_tokens=config.sampling.max_new_tokens,
+        logprob_chunk=lc.logprob_chunk,
+        seed=config.seed,
+        media=media_settings(config),
+        system_prompt=config.system_prompt,
+        collective_timeout_s=config.faults.collective_timeout_s,
+        random_init=lc.random_init,
+        release_memory=release_memory,
+    )
+
+
+def eval_settings(config: RunConfig, **overrides: Any) -> EvalSettings:
+    """How to evaluate: ``eval.*`` for the protocol, ``sampling.*`` for sampled decoding, ``media.*``.
+
+    ``overrides`` (from `echoink eval`'s flags) replace fields; greedy decoding takes one sample.
+    """
+    e = config.eval
+    settings = EvalSettings(
+        mode=e.mode,
+        samples=e.samples,
+        ablate=tuple(e.ablate),
+        sampling=sampling_settings(config),
+        media=media_settings(config),
+    )
+    settings = replace(settings, **overrides)
+    if settings.mode == "greedy":
+        settings = replace(settings, samples=1)
+    return settings

@@ -1,0 +1,82 @@
+"""Scoring a step without Ray: rewards → advantages per question id → experiences and metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from avqa import Record
+from orchestrator.scoring import RolloutFailed, group_metrics, score_step
+from rewards import RewardSet
+from rollout.types import Completion, RolloutResult
+
+RIGHT = "<think>the tone is high</think><answer>{}</answer>"
+WRONG = "no tags at all"
+
+
+def record(rid: str, answer: str = "B") -> Record:
+    return Record(id=rid, question="q", options=("A. a", "B. b"), answer=answer, image_path=Path("i.png"),
+                  audio_path=Path("a.wav"), source_file="train.json", index=int(rid[1:]))
+
+
+def completion(text: str, tokens: int = 3, finish: str = "stop") -> Completion:
+    return Completion(text=text, token_ids=list(range(tokens)), logprobs=[-0.5] * tokens, finish_reason=finish)
+
+
+def test_advantages_are_normalised_per_question_id_in_float64() -> None:
+    records = [record("q1"), record("q2")]
+    results = [
+        RolloutResult("q1", completions=[completion(RIGHT.format("B")), completion(WRONG), completion(RIGHT.format("A"))]),
+        RolloutResult("q2", completions=[completion(RIGHT.format("B"), 5, "length"), completion(RIGHT.format("B"))]),
+    ]
+    scored = score_step(1, records, results, RewardSet(), adv_eps=1e-4, skip_failed=False)
+    # rewards: q1 → 2 (right + format), 0, 1 (format only); q2 → 2, 2
+    r = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
+    expected = ((r - r.mean()) / (r.std() + 1e-4)).tolist() + [0.0, 0.0]
+    assert [e.advantage for e in scored.experiences] == pytest.approx(expected, abs=1e-12)
+    assert [e.record.id for e in scored.experiences] == ["q1", "q1", "q1", "q2", "q2"]
+    assert scored.experiences[3].completion_ids == [0, 1, 2, 3, 4]
+    assert scored.experiences[3].sampler_logprobs == [-0.5] * 5
+    m = scored.metrics
+    assert m["reward/total"] == pytest.approx(7 / 5)
+    assert m["reward/accuracy"] == pytest.approx(3 / 5)
+    assert m["reward/format"] == pytest.approx(4 / 5)
+    assert m["reward/zero_advantage_groups"] == pytest.approx(0.5)
+    assert m["reward/group_std"] == pytest.approx((float(r.std()) + 0.0) / 2)
+    assert m["completion_length/max"] == 5 and m["completion_length/mean"] == pytest.approx(17 / 5)
+    assert m["completion_length/clipped_ratio"] == pytest.approx(1 / 5)
+    assert m["data/completions"] == 5 and m["rollout/failed_questions"] == 0
+
+
+def test_a_question_drawn_twice_is_one_group() -> None:
+    """Groups are question ids, not positions: the same question twice in a batch is one group."""
+    records = [record("q1"), record("q1")]
+    results = [RolloutResult("q1", completions=[completion(RIGHT.format("B")), completion(WRONG)]),
+               RolloutResult("q1", completions=[completion(WRONG), completion(WRONG)])]
+    scored = score_step(3, records, results, RewardSet(), adv_eps=1e-4, skip_failed=False)
+    r = torch.tensor([2.0, 0.0, 0.0, 0.0], dtype=torch.float64)
+    assert [e.advantage for e in scored.experiences] == pytest.approx(((r - r.mean()) / (r.std() + 1e-4)).tolist())
+    assert scored.metrics["reward/zero_advantage_groups"] == 0.0  # by position the second would be flat
+
+
+def test_a_failed_question_stops_the_step_or_is_listed() -> None:
+    records = [record("q1"), record("q7")]
+    results = [RolloutResult("q1", completions=[completion(WRONG), completion(RIGHT.format("B"))]),
+               RolloutResult("q7", error="MediaError: broken.wav")]
+    with pytest.raises(RolloutFailed, match=r"question 'q7' \(train.json, record 7\) failed in rollout: MediaError"):
+        score_step(2, records, results, RewardSet(), adv_eps=1e-4, skip_failed=False)
+    scored = score_step(2, records, results, RewardSet(), adv_eps=1e-4, skip_failed=True)
+    assert [e.record.id for e in scored.experiences] == ["q1", "q1"]
+    assert scored.failed == [{"split": "train", "stage": "rollout", "step": 2, "id": "q7", "file": "train.json",
+                              "index": 7, "error": "MediaError: broken.wav"}]
+    assert scored.metrics["rollout/failed_questions"] == 1
+    with pytest.raises(RolloutFailed, match="every question"):
+        score_step(2, records[1:], results[1:], RewardSet(), adv_eps=1e-4, skip_failed=True)
+
+
+def test_group_metrics_of_flat_and_spread_groups() -> None:
+    m = group_metrics(torch.tensor([1.0, 1.0, 0.0, 2.0]), ["a", "a", "b", "b"])
+    assert m["reward/zero_advantage_groups"] == 0.5
+    assert m["reward/group_std"] == pytest.approx((0.0 + 2**0.5) / 2)

@@ -1,0 +1,181 @@
+"""The run config is the one place a default lives, and every key of it is used somewhere.
+
+- The settings dataclasses' own defaults (for callers that build them by hand) equal what
+  `orchestrator.settings` makes of `RunConfig()`.
+- Every leaf key of `RunConfig`, changed to another valid value, changes what
+  `orchestrator.settings` builds, or is listed below with the module that reads it directly (and
+  that module's source reads it). A new key that nothing consumes fails here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, get_args, get_origin
+
+import pytest
+from pydantic import BaseModel
+
+from learner.types import LearnerSettings
+from omni.inputs import MediaSettings
+from orchestrator.config import RunConfig
+from orchestrator.evaluate import EvalSettings
+from orchestrator.settings import (
+    engine_settings,
+    eval_settings,
+    learner_settings,
+    media_settings,
+    sampling_settings,
+)
+from rollout.types import EngineSettings, SamplingSettings
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = Path("/models/m")
+
+# keys the orchestrator reads itself (not through a settings object): key → (file, text it contains)
+DIRECT: dict[str, tuple[str, str]] = {
+    "output_dir": ("orchestrator/trainer.py", "config.output_dir"),
+    "total_steps": ("orchestrator/config.py", "self.total_steps"),
+    "epochs": ("orchestrator/config.py", "self.epochs"),
+    "data.train": ("orchestrator/trainer.py", "config.data.train"),
+    "data.valid": ("orchestrator/trainer.py", "config.data.valid"),
+    "data.media_root": ("orchestrator/data.py", "media_root=data.media_root"),
+    "data.skip_bad_records": ("orchestrator/trainer.py", "c.data.skip_bad_records"),
+    "data.shuffle": ("orchestrator/trainer.py", "config.data.shuffle"),
+    "grpo.group_size": ("orchestrator/trainer.py", "grpo.group_size"),
+    "grpo.questions_per_step": ("orchestrator/trainer.py", "grpo.questions_per_step"),
+    "grpo.adv_eps": ("orchestrator/trainer.py", "c.grpo.adv_eps"),
+    "grpo.warn_no_signal_steps": ("orchestrator/trainer.py", "grpo.warn_no_signal_steps"),
+    "rollout.num_engines": ("orchestrator/trainer.py", "c.rollout.num_engines"),
+    "rollout.cpus_per_engine": ("orchestrator/trainer.py", "c.rollout.cpus_per_engine"),
+    "rollout.resources": ("orchestrator/placement.py", "engine_resources=r.resources"),
+    "learner.cpus_per_rank": ("orchestrator/trainer.py", "c.learner.cpus_per_rank"),
+    "learner.resources": ("orchestrator/placement.py", "learner_resources=lc.resources"),
+    "rewards.weights": ("orchestrator/trainer.py", "config.rewards.weights"),
+    "rewards.lenient": ("orchestrator/trainer.py", "config.rewards.lenient"),
+    "sync.every": ("orchestrator/trainer.py", "c.sync.every"),
+    "sync.bucket_mb": ("orchestrator/trainer.py", "c.sync.bucket_mb"),
+    "sync.backend": ("orchestrator/trainer.py", "c.sync.backend"),
+    "sync.timeout_s": ("orchestrator/trainer.py", "c.sync.timeout_s"),
+    "eval.every": ("orchestrator/trainer.py", "c.eval.every"),
+    "eval.subset": ("orchestrator/evalrun.py", "config.eval.subset"),
+    "eval.at_end": ("orchestrator/trainer.py", "c.eval.at_end"),
+    "eval.at_start": ("orchestrator/trainer.py", "c.eval.at_start"),
+    "checkpoint.every": ("orchestrator/trainer.py", "c.checkpoint.every"),
+    "checkpoint.keep_last": ("orchestrator/trainer.py", "config.checkpoint.keep_last"),
+    "checkpoint.at_end": ("orchestrator/trainer.py", "c.checkpoint.at_end"),
+    "placement.mode": ("orchestrator/placement.py", "config.placement.mode"),
+    "ray.address": ("orchestrator/trainer.py", "c.ray.address"),
+    "ray.num_cpus": ("orchestrator/trainer.py", "c.ray.num_cpus"),
+    "ray.use_gpus": ("orchestrator/trainer.py", "c.ray.use_gpus"),
+    "faults.max_engine_restarts": ("orchestrator/trainer.py", "faults.max_engine_restarts"),
+    "faults.max_restarts": ("orchestrator/trainer.py", "faults.max_restarts"),
+    "faults.max_nonfinite_steps": ("orchestrator/trainer.py", "faults.max_nonfinite_steps"),
+}
+
+# values that the type alone does not suggest
+ALTERNATIVES: dict[str, Any] = {
+    "total_steps": 7,
+    "system_prompt": "Answer briefly.",
+    "data.valid": "/elsewhere/valid.json",
+    "data.media_root": "/elsewhere",
+    "grpo.clip_eps": 0.2,
+    "rollout.kv_cache_mb": 64.0,
+    "rollout.resources": {"rollout_node": 1.0},
+    "learner.resources": {"learner_node": 1.0},
+    "learner.betas": (0.8, 0.99),
+    "learner.freeze": ["lm_head"],
+    "rewards.weights": {"accuracy": 2.0, "format": 1.0},
+    "eval.ablate": ["none", "audio"],
+    "ray.address": "auto",
+    "ray.num_cpus": 3.0,
+}
+
+
+def leaves(model: type[BaseModel], prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for name, field in model.model_fields.items():
+        key = prefix + name
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            out += leaves(annotation, key + ".")
+        else:
+            out.append((key, field))
+    return out
+
+
+def other_value(key: str, field: Any, current: Any) -> Any:
+    if key in ALTERNATIVES:
+        return ALTERNATIVES[key]
+    annotation = field.annotation
+    if get_origin(annotation) is Literal:
+        return next(choice for choice in get_args(annotation) if choice != current)
+    if annotation is bool:
+        return not current
+    if annotation is int:
+        return current + 1
+    if annotation is float:
+        return current / 2 if current else 0.5
+    if annotation is Path or Path in get_args(annotation):
+        return f"/elsewhere/{Path(current).name if current else 'x'}"
+    raise AssertionError(f"{key}: no alternative value for {annotation}; add one to ALTERNATIVES")
+
+
+def with_value(key: str, value: Any, base: RunConfig | None = None) -> RunConfig:
+    tree = (base or RunConfig()).model_dump(mode="python")
+    node = tree
+    *sections, leaf = key.split(".")
+    for section in sections:
+        node = node[section]
+    node[leaf] = value
+    return RunConfig.model_validate(tree)
+
+
+def built(config: RunConfig) -> tuple[Any, ...]:
+    return (
+        engine_settings(config),
+        learner_settings(config, 3),
+        sampling_settings(config),
+        eval_settings(config),
+        media_settings(config),
+    )
+
+
+def test_settings_defaults_equal_the_config_defaults() -> None:
+    config = RunConfig()
+    assert media_settings(config) == MediaSettings()
+    assert engine_settings(config, MODEL) == EngineSettings(model_path=MODEL)
+    assert learner_settings(config, 1, MODEL) == LearnerSettings(model_path=MODEL)
+    assert sampling_settings(config) == SamplingSettings(seed=config.seed)
+    assert eval_settings(config) == EvalSettings()
+
+
+LEAVES = leaves(RunConfig)
+
+
+@pytest.mark.parametrize(("key", "field"), LEAVES, ids=[k for k, _ in LEAVES])
+def test_every_config_key_is_consumed(key: str, field: Any) -> None:
+    base = with_value("eval.mode", "sampled")  # greedy evaluation ignores eval.samples
+    current: Any = base
+    for part in key.split("."):
+        current = getattr(current, part)
+    changed = with_value(key, other_value(key, field, current), base)
+    if built(changed) != built(base):
+        return  # reaches a settings object
+    assert key in DIRECT, f"{key}: changing it changes no settings object and no module is listed as reading it"
+    path, text = DIRECT[key]
+    assert text in (REPO / path).read_text(encoding="utf-8"), f"{key}: {path} does not read it ({text!r})"
+
+
+def test_direct_keys_are_real_keys() -> None:
+    keys = {k for k, _ in LEAVES}
+    assert set(DIRECT) <= keys, sorted(set(DIRECT) - keys)
+
+
+def test_greedy_evaluation_keeps_one_sample_and_the_token_limit() -> None:
+    config = with_value("sampling.max_new_tokens", 99)
+    greedy = eval_settings(config, samples=8)
+    assert greedy.samples == 1
+    decoding = greedy.decoding()
+    assert (decoding.temperature, decoding.top_p, decoding.max_new_tokens) == (0.0, 1.0, 99)
+    sampled = eval_settings(config, mode="sampled", samples=4)
+    assert sampled.samples == 4 and sampled.decoding() == sampling_settings(config)
