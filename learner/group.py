@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -57,6 +58,20 @@ def shard_indices(experiences: Sequence[Experience], ranks: int, keep_prompts: b
     return shards
 
 
+def split_by_question(experiences: Sequence[Experience], parts: int) -> list[list[Experience]]:
+    """``parts`` mini-batches of whole questions (a question's completions share a prompt pass
+    and a group), as even in completions as the questions allow, in the batch's order."""
+    questions: dict[str, list[Experience]] = {}
+    for exp in experiences:
+        questions.setdefault(exp.record.id, []).append(exp)
+    if parts > len(questions):
+        raise ValueError(f"{parts} mini-batches for {len(questions)} questions")
+    out: list[list[Experience]] = [[] for _ in range(parts)]
+    for members in sorted(questions.values(), key=lambda m: -len(m)):
+        min(out, key=len).extend(members)
+    return out
+
+
 def shard(experiences: Sequence[Experience], ranks: int, keep_prompts: bool = False) -> list[list[Experience]]:
     """Deal completions to ranks (:func:`shard_indices`) so ranks and micro-batches get similar
     work; pad with zero-weight copies so every rank runs the same micro-batches (under ZeRO-3 each
@@ -91,14 +106,37 @@ class LearnerGroup:
         self.eos_ids = gather([self.workers[0].eos_token_ids.remote()], "setup")[0]
 
     def _norm(self, experiences: Sequence[Experience]) -> LossNorm:
-        tokens = sum(sum(completion_mask(e.completion_ids, self.eos_ids)) for e in experiences)
-        return LossNorm(sequences=len(experiences), tokens=float(tokens), length=self.settings.max_new_tokens)
+        """The counts of the experiences that are trained (a masked one, ``dummy``, adds nothing)."""
+        real = [e for e in experiences if not e.dummy]
+        tokens = sum(sum(completion_mask(e.completion_ids, self.eos_ids)) for e in real)
+        return LossNorm(sequences=max(1, len(real)), tokens=float(tokens), length=self.settings.max_new_tokens)
 
     def train_step(self, experiences: Sequence[Experience]) -> dict[str, float]:
-        """One optimizer step on the whole batch; returns the step's learner metrics (the names of
-        ``omni.metrics.LEARNER_METRICS``, see :func:`combine`)."""
+        """The step's optimizer updates on the whole batch: one, or ``epochs_per_batch`` passes of
+        ``mini_batches`` each (the batch split by question), whose ratios and clips act against the
+        policy before the first update. Returns the step's learner metrics (the names of
+        ``omni.metrics.LEARNER_METRICS``, see :func:`combine`): those of the first update, where the
+        policy is the sampler's, with the clip and ratio metrics of the last update and the time,
+        tokens and skips of all of them."""
         if not experiences:
             raise ValueError("train_step needs at least one experience")
+        s = self.settings
+        if s.epochs_per_batch == 1 and s.mini_batches == 1:
+            return self._update(experiences)
+        old = self.compute_logprobs(experiences)
+        batch = [replace(e, old_logprobs=o) for e, o in zip(experiences, old, strict=True)]
+        updates = [self._update(part) for _ in range(s.epochs_per_batch) for part in split_by_question(batch, s.mini_batches)]
+        out = dict(updates[0])
+        for key in ("clip_fraction", "ratio/mean", "ratio/max", "ratio/min"):
+            if key in updates[-1]:
+                out[key] = updates[-1][key]
+        for key in ("timing/learn_s", "learner/input_tokens", "learner/nonfinite_loss"):
+            out[key] = sum(u.get(key, 0.0) for u in updates)
+        out["learner/step_skipped"] = max(u.get("learner/step_skipped", 0.0) for u in updates)
+        return out
+
+    def _update(self, experiences: Sequence[Experience]) -> dict[str, float]:
+        """One optimizer step on ``experiences``, dealt to the ranks."""
         norm = self._norm(experiences)
         shards = shard(experiences, len(self.workers), keep_prompts=self.settings.share_prompts)
         parts = gather([w.train_step.remote(s, norm) for w, s in zip(self.workers, shards, strict=True)], "a train step")
@@ -140,11 +178,13 @@ class LearnerGroup:
 
     def send_weights(self, specs: Sequence[BucketSpec], channels: Sequence[Any] | None = None) -> list[Any]:
         """Futures of every rank's part of one push: rank 0 broadcasts and the others join ZeRO-3
-        gathers, or, with ``channels`` (colocated: one per rank's engine), each rank hands its
-        weights to its own engine."""
-        if channels is not None and len(channels) != len(self.workers):
+        gathers, or, with ``channels`` (colocated: one per engine, engine i's for rank i), each
+        rank with an engine hands its weights over to it."""
+        if channels is not None and len(channels) > len(self.workers):
             raise ValueError(f"{len(channels)} hand-over channels for {len(self.workers)} learner ranks")
-        return [w.send_weights.remote(list(specs), channels[r] if channels else None) for r, w in enumerate(self.workers)]
+        mine = list(channels or [])
+        mine += [None] * (len(self.workers) - len(mine))  # ranks without an engine only join the gathers
+        return [w.send_weights.remote(list(specs), channel) for w, channel in zip(self.workers, mine, strict=True)]
 
     def named_weights(self, names: Sequence[str] | None = None) -> list[tuple[str, Any]]:
         parts = gather([w.named_weights.remote(names) for w in self.workers], "gathering weights")
@@ -185,7 +225,7 @@ def combine(parts: Sequence[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     for metric in LEARNER_METRICS:
         values = [p[metric.name] for p in parts if metric.name in p]
-        if not values:
+        if not values and metric.combine != "ess":  # ess comes from helper sums alone
             continue
         rule = metric.combine
         if rule == "sum":
@@ -198,6 +238,11 @@ def combine(parts: Sequence[dict[str, float]]) -> dict[str, float]:
             if metric.name not in parts[0]:
                 raise ValueError(f"{metric.name}: rank 0 did not report it (combine 'first' takes rank 0's)")
             out[metric.name] = float(parts[0][metric.name])
+        elif rule == "ess":
+            weights, squares = (sum(p.get(k, 0.0) for p in parts) for k in ("_weight_sum", "_weight_sq_sum"))
+            tokens = sum(p.get("learner/tokens", 0.0) for p in parts)
+            if squares > 0 and tokens > 0:
+                out[metric.name] = weights**2 / (tokens * squares)
         elif rule in DENOMINATORS:
             name = DENOMINATORS[rule]
             count = sum(p.get(name, 0.0) for p in parts)

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from learner.advantages import grpo as _grpo_advantages
+
 KL_CLAMP = 10.0
 
 
@@ -26,22 +28,9 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) 
 
 
 def group_advantages_by_id(rewards: torch.Tensor, group_ids: Sequence[object], eps: float = 1e-4) -> torch.Tensor:
-    """The same normalisation with groups given by an id per completion (any order, any sizes ≥ 2)."""
-    if len(group_ids) != rewards.numel():
-        raise ValueError(f"{rewards.numel()} rewards but {len(group_ids)} group ids")
-    index: dict[object, int] = {}
-    codes = torch.tensor([index.setdefault(g, len(index)) for g in group_ids], device=rewards.device)
-    counts = torch.bincount(codes, minlength=len(index))
-    if bool((counts < 2).any()):
-        lonely = [g for g, i in index.items() if counts[i] < 2]
-        raise ValueError(f"groups with fewer than 2 completions: {lonely[:5]}")
-    values = rewards.to(torch.float64)
-    sums = torch.zeros(len(index), dtype=torch.float64, device=rewards.device).index_add_(0, codes, values)
-    mean = sums / counts
-    centred = values - mean[codes]
-    sq = torch.zeros_like(sums).index_add_(0, codes, centred**2)
-    std = (sq / (counts - 1)).sqrt()
-    return (centred / (std[codes] + eps)).to(rewards.dtype)
+    """The same normalisation with groups given by an id per completion (any order, any sizes ≥ 2);
+    ``learner.advantages.grpo``, kept under this name for the callers that know it."""
+    return _grpo_advantages(rewards, group_ids, eps)
 
 
 def kl_k1(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
@@ -85,6 +74,12 @@ def _token_mean(per_token: torch.Tensor, mask: torch.Tensor, norm: LossNorm) -> 
     return (per_token * mask).sum() / max(norm.tokens, 1.0)
 
 
+def _seq_mean_token_sum(per_token: torch.Tensor, mask: torch.Tensor, norm: LossNorm) -> torch.Tensor:
+    # each sequence's token sum, mean over sequences: longer completions weigh more (Dr. GRPO's
+    # objective before its constant normaliser)
+    return (per_token * mask).sum() / norm.sequences
+
+
 def _seq_mean_token_sum_norm(per_token: torch.Tensor, mask: torch.Tensor, norm: LossNorm) -> torch.Tensor:
     # Dr. GRPO: each sequence's token sum over a constant length, mean over sequences
     return (per_token * mask).sum() / norm.length / norm.sequences
@@ -93,6 +88,7 @@ def _seq_mean_token_sum_norm(per_token: torch.Tensor, mask: torch.Tensor, norm: 
 AGGREGATIONS: dict[str, Callable[[torch.Tensor, torch.Tensor, LossNorm], torch.Tensor]] = {
     "seq-mean-token-mean": _seq_mean_token_mean,
     "token-mean": _token_mean,
+    "seq-mean-token-sum": _seq_mean_token_sum,
     "seq-mean-token-sum-norm": _seq_mean_token_sum_norm,
 }
 
@@ -121,6 +117,32 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
+def token_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """π/π_old per token: the ratio of PPO and of the reference loss (which is 1 in value on
+    policy, with the gradient of log π)."""
+    return torch.exp(logp - old_logp)
+
+
+def sequence_ratio(logp: torch.Tensor, old_logp: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """GSPO's ratio in its per-token form: s_i = exp(mean over the sequence's tokens of
+    log π − log π_old), the geometric mean of the token ratios, as the value of every token, with
+    the gradient of that token's log π: sg(s_i) · π_t / sg(π_t). Aggregated by
+    seq-mean-token-mean, its gradient is s_i · A_i · mean_t ∇log π_t (Zheng et al., 2025, "Group
+    Sequence Policy Optimization")."""
+    mask = mask.to(logp.dtype)
+    mean_log = ((logp - old_logp) * mask).sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)
+    return torch.exp(mean_log).detach() * torch.exp(logp - logp.detach())
+
+
+# name → (ratio, clipped): the reference loss has no clip; PPO clips each token's ratio with its
+# own low/high bounds (DAPO's clip-higher, Yu et al. 2025); GSPO clips the sequence's ratio
+POLICY_LOSSES: dict[str, tuple[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor], bool]] = {
+    "reference": (token_ratio, False),
+    "ppo_clip": (token_ratio, True),
+    "gspo": (sequence_ratio, True),
+}
+
+
 def policy_loss(
     logp: torch.Tensor,
     old_logp: torch.Tensor,
@@ -133,18 +155,31 @@ def policy_loss(
     kl: str = "k3",
     is_weights: torch.Tensor | None = None,
     norm: LossNorm | None = None,
+    loss: str | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The GRPO loss over completion tokens ([batch, tokens] tensors, ``advantages`` [batch]).
 
-    With ``clip_eps=None`` and ``old_logp = logp.detach()`` this is the reference run's loss,
-    −(ratio·A − β·KL) per token; with ``clip_eps`` it is PPO's clipped surrogate (a pair gives
-    asymmetric low/high bounds). ``is_weights`` multiply the per-token policy term: the truncated
-    importance-sampling correction for off-policy rollouts. ``norm`` gives the whole step's
-    counts when this batch is one part of it (default: this batch is the step).
+    ``loss`` (``POLICY_LOSSES``; default: "ppo_clip" with a ``clip_eps``, else "reference"):
+    - reference: −(ratio·A − β·KL) per token with ``old_logp = logp.detach()``, the reference run's;
+    - ppo_clip: −(min(ratio·A, clip(ratio, 1 − low, 1 + high)·A) − β·KL), ``clip_eps`` a float
+      or a (low, high) pair;
+    - gspo: the same clip on GSPO's sequence ratio (`sequence_ratio`).
+    ``is_weights`` multiply the per-token policy term: the rollout correction (truncated importance
+    weights, or 0 for masked tokens). ``norm`` gives the whole step's counts when this batch is
+    one part of it (default: this batch is the step).
     """
+    name = loss or ("ppo_clip" if clip_eps is not None else "reference")
+    try:
+        ratio_fn, clips = POLICY_LOSSES[name]
+    except KeyError:
+        raise ValueError(f"unknown policy loss {name!r}; known: {sorted(POLICY_LOSSES)}") from None
+    if clips and clip_eps is None:
+        raise ValueError(f"policy loss {name!r} needs a clip range (clip_eps)")
+    if not clips and clip_eps is not None:
+        raise ValueError(f"policy loss {name!r} has no clip; clip_eps={clip_eps} would do nothing")
     mask = mask.to(logp.dtype)
     adv = advantages.to(logp.dtype).unsqueeze(1)
-    ratio = torch.exp(logp - old_logp)
+    ratio = ratio_fn(logp, old_logp, mask)
     surrogate = ratio * adv
     clipped_frac = torch.zeros((), dtype=logp.dtype, device=logp.device)
     if clip_eps is not None:
@@ -160,7 +195,7 @@ def policy_loss(
         per_token_kl = KL_ESTIMATORS[kl](logp, ref_logp)
         per_token = per_token + beta * per_token_kl
         kl_value = masked_mean(per_token_kl.detach(), mask)
-    loss = aggregate(per_token, mask, agg, norm)
+    loss_value = aggregate(per_token, mask, agg, norm)
     with torch.no_grad():
         valid = mask.bool()
         r = ratio.detach()[valid]
@@ -171,4 +206,4 @@ def policy_loss(
             "ratio/max": float(r.max()) if r.numel() else 1.0,
             "ratio/min": float(r.min()) if r.numel() else 1.0,
         }
-    return loss, metrics
+    return loss_value, metrics

@@ -17,6 +17,7 @@ class Experience:
     completion_ids: list[int]
     advantage: float
     sampler_logprobs: list[float] | None = None  # vLLM's per-token log-probs (mismatch, off-policy IS)
+    old_logprobs: list[float] | None = None  # the learner's before the step's first update (several passes)
     dummy: bool = False  # padding so every rank runs the same number of micro-batches; adds nothing
 
 
@@ -44,10 +45,17 @@ class LearnerSettings:
     attn_implementation: str = "sdpa"
     beta: float = 0.001
     kl_estimator: str = "k3"
-    clip_eps: float | None = None
+    policy_loss: str = "reference"  # learner.grpo.POLICY_LOSSES
+    clip_eps: float | tuple[float, float] | None = None  # (low, high) of ppo_clip / gspo
+    epochs_per_batch: int = 1  # optimizer passes over a step's batch (the group runs them)
+    mini_batches: int = 1  # optimizer steps per pass
     loss_agg: str = "seq-mean-token-mean"
+    entropy_coef: float = 0.0  # an entropy bonus in the loss (0: the entropy is only a metric)
     off_policy: bool = False
+    rollout_correction: str = "auto"  # auto | none | tis | token_mask | seq_mask (auto: tis when off_policy)
     is_clip: float = 2.0
+    correction_low: float = 0.5
+    correction_high: float = 2.0
     temperature: float = 1.0
     max_new_tokens: int = 768
     logprob_chunk: int = 1024

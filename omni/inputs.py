@@ -306,11 +306,16 @@ def completion_logprobs(
     lm_head: torch.nn.Module | None = None,
     temperature: float = 1.0,
     chunk: int = 1024,
+    entropy: list[torch.Tensor] | None = None,
+    entropy_grad: bool = False,
 ) -> torch.Tensor:
     """log π(token) for every completion position, [B, C] float32 (0 where masked out).
 
     ``model`` is the thinker or a wrapper that calls it (a DeepSpeed engine); ``lm_head`` is the
-    thinker's output layer, by default ``model.lm_head``.
+    thinker's output layer, by default ``model.lm_head``. With ``entropy`` (a list), the policy's
+    entropy at every completion position is appended to it as one [B, C] tensor (masked like the
+    log-probs), computed ``ENTROPY_CHUNK`` positions at a time so that no [B, C, V] probability
+    tensor is kept; with ``entropy_grad`` it carries gradients (an entropy bonus).
     """
     c = batch.completion_len
     head = lm_head if lm_head is not None else model.lm_head
@@ -320,7 +325,7 @@ def completion_logprobs(
         with keep_last_positions(head, c + 1):
             logits = model(**batch.inputs, use_cache=False).logits  # [B, C + 1, V]
         logits = logits[:, :-1, :]  # position t predicts completion token t
-    out = []
+    out, entropies = [], []
     for start in range(0, c, chunk):
         part = logits[:, start : start + chunk, :].float()
         if temperature != 1.0:
@@ -328,7 +333,25 @@ def completion_logprobs(
         targets = batch.completion_ids[:, start : start + chunk].unsqueeze(-1)
         token_logits = part.gather(-1, targets).squeeze(-1)
         out.append(token_logits - torch.logsumexp(part, dim=-1))
+        if entropy is not None:
+            entropies.append(_entropy(part, entropy_grad))
+    if entropy is not None:
+        entropy.append(torch.cat(entropies, dim=1) * batch.completion_mask)
     return torch.cat(out, dim=1) * batch.completion_mask
+
+
+ENTROPY_CHUNK = 128  # positions per softmax: B × 128 × V floats at a time
+
+
+def _entropy(logits: torch.Tensor, grad: bool) -> torch.Tensor:
+    """H = logsumexp(z) − Σ softmax(z)·z per position of [B, T, V] float32 logits."""
+    parts = []
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        for start in range(0, logits.shape[1], ENTROPY_CHUNK):
+            z = logits[:, start : start + ENTROPY_CHUNK]
+            z = z if grad else z.detach()
+            parts.append(torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1))
+    return torch.cat(parts, dim=1)
 
 
 def _shared_prompt_logits(model: Any, batch: ModelBatch, head: torch.nn.Module) -> torch.Tensor:

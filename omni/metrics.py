@@ -9,7 +9,9 @@ like that protocol, both sides of the system agree on it and neither owns it.
 ``sum`` adds them; ``max`` / ``min`` take the extreme; ``first`` takes rank 0's (values every rank
 shares, such as the learning rate); ``per_token`` divides the ranks' summed ``value × tokens`` by
 the step's trained tokens; ``per_sampled_token`` divides by the tokens that have a sampler
-log-prob. Metrics not computed by the learner have ``combine`` "".
+log-prob; ``ess`` is the effective sample size (Σw)² / (n·Σw²) of the rollout-correction weights
+over the n trained tokens, from the ranks' sums of w and w². Metrics not computed by the learner
+have ``combine`` "".
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 SOURCES = ("learner", "scoring", "trainer", "eval")
-COMBINES = ("", "sum", "max", "min", "first", "per_token", "per_sampled_token")
+COMBINES = ("", "sum", "max", "min", "first", "per_token", "per_sampled_token", "ess")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,8 @@ _TABLE = (
     Metric("reward/total", "mean weighted reward of the step's completions", "scoring"),
     Metric("reward/<name>", "mean of each reward component (accuracy, format, …) before weighting", "scoring"),
     Metric("reward/errors", "reward functions that raised (scored 0)", "scoring"),
+    Metric("reward/overlong_penalty", "mean soft length penalty added to the rewards (grpo.overlong: penalty)", "scoring"),
+    Metric("data/masked_overlong", "completions cut at the token limit and left out of the loss (grpo.overlong: mask)", "scoring"),
     Metric("reward/group_std", "mean over questions of the standard deviation of a question's G rewards", "scoring"),
     Metric(
         "reward/zero_advantage_groups",
@@ -46,10 +50,13 @@ _TABLE = (
     Metric("completion_length/clipped_ratio", "share of completions cut at sampling.max_new_tokens", "scoring"),
     Metric("rollout/failed_questions", "questions whose rollout failed (broken media, …)", "scoring"),
     Metric("data/completions", "completions the learner trained on", "scoring"),
+    Metric("filter/dropped_groups", "questions dropped for equal rewards (grpo.dynamic_sampling)", "scoring"),
+    Metric("filter/extra_rollouts", "extra rollouts made to fill the batch (grpo.dynamic_sampling)", "scoring"),
     # learner: sums from the ranks, combined by the group (learner/worker.py, learner/group.py)
     Metric("loss", "the GRPO loss of the step (the ranks' exact shares summed)", "learner", "sum"),
     Metric("kl", "mean per-token KL to the reference model (the configured estimator)", "learner", "per_token"),
     Metric("logprob_mean", "mean log-probability of the trained tokens under the policy (−NLL)", "learner", "per_token"),
+    Metric("entropy", "mean token entropy of the policy over the trained tokens (nats)", "learner", "per_token"),
     Metric("clip_fraction", "share of tokens whose surrogate was clipped", "learner", "per_token"),
     Metric("ratio/mean", "mean per-token ratio π/π_old of the trained tokens", "learner", "per_token"),
     Metric("ratio/max", "largest per-token ratio π/π_old", "learner", "max"),
@@ -79,6 +86,20 @@ _TABLE = (
         "learner",
         "sum",
     ),
+    Metric(
+        "rollout_correction/kl",
+        "KL(vLLM ‖ learner) on the sampled tokens, k3 estimate (r − 1 − log r, r = π/μ)",
+        "learner",
+        "per_sampled_token",
+    ),
+    Metric(
+        "rollout_correction/log_ppl_diff",
+        "mean log μ − mean log π over the sampled tokens (the learner's log-perplexity minus vLLM's)",
+        "learner",
+        "per_sampled_token",
+    ),
+    Metric("rollout_correction/masked_share", "share of trained tokens whose correction weight is 0", "learner", "per_token"),
+    Metric("rollout_correction/ess", "effective sample size of the correction weights, 1 = no reweighting", "learner", "ess"),
     Metric("memory/learner_peak_gb", "peak GPU memory allocated on a learner rank during the step", "learner", "max"),
     Metric("timing/learn_s", "seconds of the learner step (slowest rank)", "learner", "max"),
     # trainer: the loop's own counters and timings (orchestrator/trainer.py)

@@ -42,7 +42,7 @@ class Placement:
         out: dict[str, Any] = {"mode": self.mode, "why": self.why, "engines": list(engines), "learner_ranks": list(ranks)}
         if self.mode == "colocated":
             out["shared"] = [{"engine": e["index"], "learner_rank": r["rank"], "gpus": e["gpus"], "node_id": e["node_id"]}
-                             for e, r in zip(engines, ranks, strict=True)]
+                             for e, r in zip(engines, ranks, strict=False)]  # ranks past the engines: alone
         return out
 
     def remove(self) -> None:
@@ -100,7 +100,7 @@ def check_capacity(use_gpus: bool, engines: int, tp: int, ranks: int, mode: str 
     """Fail early and clearly when the cluster cannot hold the layout (instead of waiting forever)."""
     if not use_gpus:
         return
-    need = max(engines * tp, ranks) if mode == "colocated" else split_gpus(engines, tp, ranks)
+    need = ranks if mode == "colocated" else split_gpus(engines, tp, ranks)
     have = int(ray.cluster_resources().get("GPU", 0))
     if need > have:
         what = "colocated pairs" if mode == "colocated" else f"{engines} engine(s) × {tp} + {ranks} learner rank(s)"
@@ -145,7 +145,7 @@ def plan(
         engine_bundle["GPU"] = float(tensor_parallel_size)
         rank_bundle["GPU"] = 1.0
     if mode == "colocated":
-        return _colocated(use_gpus, engines, engine_bundle, rank_bundle, env, timeout_s)
+        return _colocated(use_gpus, engines, ranks, engine_bundle, rank_bundle, env, timeout_s)
     # either role may be absent: evaluation runs engines only, a warm start learner ranks only
     wanted = {"rollout": (engine_bundle, engines), "learner": (rank_bundle, ranks)}
     groups = {
@@ -165,24 +165,28 @@ def plan(
 
 def _colocated(
     use_gpus: bool,
-    pairs: int,
+    engines: int,
+    ranks: int,
     engine_bundle: dict[str, float],
     rank_bundle: dict[str, float],
     env: dict[str, Any],
     timeout_s: float,
 ) -> Placement:
-    """One bundle per pair: the CPUs and custom resources of both roles and one GPU, which the
-    engine and the rank each take half of (Ray then shows both on that GPU)."""
+    """One bundle per learner rank; bundle i < engines also holds engine i: the CPUs and custom
+    resources of both roles and one GPU, which the engine and the rank each take half of (Ray
+    then shows both on that GPU). Ranks beyond the engines have their bundle alone."""
     shared = {k: engine_bundle.get(k, 0.0) + rank_bundle.get(k, 0.0) for k in {*engine_bundle, *rank_bundle}}
+    alone = dict(rank_bundle)
     if use_gpus:
         shared["GPU"] = 1.0
         engine_bundle, rank_bundle = {**engine_bundle, "GPU": 0.5}, {**rank_bundle, "GPU": 0.5}
-    group = placement_group([dict(shared) for _ in range(pairs)], strategy="PACK", name="echoink-colocated")
+    bundles = [dict(shared) for _ in range(engines)] + [dict(alone) for _ in range(ranks - engines)]
+    group = placement_group(bundles, strategy="PACK", name="echoink-colocated")
     _wait_placed("colocated", group, timeout_s)
     return Placement(
         use_gpus=use_gpus,
-        engine_options=[_options(group, i, engine_bundle, env) for i in range(pairs)],
-        learner_options=[_options(group, i, rank_bundle, env) for i in range(pairs)],
+        engine_options=[_options(group, i, engine_bundle, env) for i in range(engines)],
+        learner_options=[_options(group, i, rank_bundle if i < engines else alone, env) for i in range(ranks)],
         groups=[group],
         mode="colocated",
     )

@@ -10,7 +10,7 @@ an epoch boundary) is one group of 2·G.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from avqa import Record
-from learner.grpo import group_advantages_by_id
+from learner.advantages import advantages as compute_advantages
 from learner.types import Experience
 from rewards import RewardSet
 from rollout.types import RolloutResult
@@ -26,6 +26,28 @@ from rollout.types import RolloutResult
 
 class RolloutFailed(RuntimeError):
     """A question failed in rollout and the config does not allow skipping it."""
+
+
+@dataclass(frozen=True)
+class ScoringRules:
+    """How a step's rewards become advantages (built from ``grpo.*`` by orchestrator.settings)."""
+
+    adv_eps: float = 1e-4
+    advantage: str = "grpo"  # learner.advantages.ADVANTAGES
+    skip_failed: bool = False  # data.skip_bad_records: a failed question is listed, not fatal
+    overlong: str = "none"  # none | mask | penalty, for completions cut at max_new_tokens
+    max_new_tokens: int = 768
+    overlong_buffer: int = 0
+    overlong_penalty: float = 1.0
+
+
+def overlong_penalty(length: int, rules: ScoringRules) -> float:
+    """DAPO's soft overlong punishment (Yu et al., 2025): 0 up to max_new_tokens − buffer, then
+    falling linearly to −penalty at the limit."""
+    start = rules.max_new_tokens - rules.overlong_buffer
+    if length <= start:
+        return 0.0
+    return -rules.overlong_penalty * min(1.0, (length - start) / rules.overlong_buffer)
 
 
 @dataclass
@@ -40,14 +62,15 @@ def score_step(
     records: Sequence[Record],
     results: Sequence[RolloutResult],
     rewards: RewardSet,
-    *,
-    adv_eps: float,
-    skip_failed: bool,
+    rules: ScoringRules,
 ) -> ScoredStep:
-    """Score every completion, normalise advantages per question id, and summarise the rewards.
+    """Score every completion, compute advantages per question id (``rules.advantage``), and
+    summarise the rewards.
 
     A question whose rollout failed raises `RolloutFailed` naming its file, record and error,
-    unless ``skip_failed`` (``data.skip_bad_records``), which lists it in ``failed`` instead.
+    unless ``rules.skip_failed`` (``data.skip_bad_records``), which lists it in ``failed`` instead.
+    Overlong completions (cut at the token limit): ``penalty`` adds the soft length penalty to
+    their reward; ``mask`` keeps them in their group's baseline but out of the loss.
     """
     if len(records) != len(results):
         raise ValueError(f"step {step}: {len(records)} questions but {len(results)} rollout results")
@@ -56,7 +79,7 @@ def score_step(
     scores: list[Any] = []
     for record, result in zip(records, results, strict=True):
         if not result.ok:
-            if not skip_failed:
+            if not rules.skip_failed:
                 raise RolloutFailed(
                     f"step {step}: question {record.id!r} ({record.source_file}, record {record.index}) "
                     f"failed in rollout: {result.error} (set data.skip_bad_records: true to skip such records)"
@@ -70,24 +93,33 @@ def score_step(
     if not kept:
         raise RolloutFailed(f"step {step}: every question of the batch failed in rollout")
     ids = [record.id for record, _ in kept]
-    totals = torch.tensor([s.total for s in scores], dtype=torch.float64)
-    advantages = group_advantages_by_id(totals, ids, eps=adv_eps).tolist()
-    experiences = [
-        Experience(record, completion.token_ids, float(adv), completion.logprobs)
-        for (record, completion), adv in zip(kept, advantages, strict=True)
-    ]
     lengths = [len(completion.token_ids) for _, completion in kept]
-    metrics: dict[str, float] = {
+    cut = [completion.finish_reason == "length" for _, completion in kept]
+    totals = torch.tensor([s.total for s in scores], dtype=torch.float64)
+    metrics: dict[str, float] = {}
+    if rules.overlong == "penalty":
+        penalties = torch.tensor([overlong_penalty(n, rules) for n in lengths], dtype=torch.float64)
+        totals = totals + penalties
+        metrics["reward/overlong_penalty"] = float(penalties.mean())
+    advantages = compute_advantages(rules.advantage, totals, ids, rules.adv_eps).tolist()
+    masked = [rules.overlong == "mask" and c for c in cut]
+    experiences = [
+        Experience(record, completion.token_ids, float(adv), completion.logprobs, dummy=hide)
+        for (record, completion), adv, hide in zip(kept, advantages, masked, strict=True)
+    ]
+    if rules.overlong == "mask":
+        metrics["data/masked_overlong"] = float(sum(masked))
+    metrics.update({
         "reward/total": float(totals.mean()),
         **{f"reward/{name}": float(np.mean([s.components[name] for s in scores])) for name in rewards.weights},
         "reward/errors": float(sum(len(s.errors) for s in scores)),
         "completion_length/mean": float(np.mean(lengths)),
         "completion_length/max": float(np.max(lengths)),
-        "completion_length/clipped_ratio": sum(c.finish_reason == "length" for _, c in kept) / len(kept),
+        "completion_length/clipped_ratio": sum(cut) / len(kept),
         "rollout/failed_questions": float(len(failed)),
-        "data/completions": float(len(experiences)),
+        "data/completions": float(len(experiences) - sum(masked)),
         **group_metrics(totals, ids),
-    }
+    })
     return ScoredStep(experiences=experiences, metrics=metrics, failed=failed)
 
 
@@ -102,3 +134,41 @@ def group_metrics(rewards: torch.Tensor, ids: Sequence[str]) -> dict[str, float]
         "reward/group_std": float(np.mean(stds)),
         "reward/zero_advantage_groups": float(np.mean([max(v) == min(v) for v in groups.values()])),
     }
+
+
+def informative(scored: ScoredStep) -> tuple[ScoredStep, int]:
+    """The step without the questions whose rewards were all equal (every advantage 0: nothing
+    to learn), and how many were dropped."""
+    flat = {q for q, members in _by_question(scored.experiences).items() if all(e.advantage == 0.0 for e in members)}
+    kept = [e for e in scored.experiences if e.record.id not in flat]
+    return ScoredStep(kept, dict(scored.metrics), list(scored.failed)), len(flat)
+
+
+def fill_informative(
+    scored: ScoredStep, draw: Callable[[int], ScoredStep], want: int, max_rounds: int
+) -> ScoredStep:
+    """DAPO's dynamic sampling (Yu et al., 2025): drop the questions without signal and roll out
+    more (``draw(count)`` scores ``count`` new questions) until ``want`` questions have signal or
+    ``max_rounds`` extra rollouts were made; at most ``want`` questions are kept. The step's
+    reward metrics stay those of its first rollout; ``filter/*`` count what was dropped and drawn."""
+    kept, dropped = informative(scored)
+    rounds = 0
+    while len(_by_question(kept.experiences)) < want and rounds < max_rounds:
+        rounds += 1
+        more, lost = informative(draw(want - len(_by_question(kept.experiences))))
+        kept = ScoredStep(kept.experiences + more.experiences, kept.metrics, kept.failed + more.failed)
+        dropped += lost
+    questions = list(_by_question(kept.experiences))[:want]
+    experiences = [e for e in kept.experiences if e.record.id in set(questions)]
+    if not experiences:  # nothing had signal: learn on the batch as it came (every advantage 0)
+        experiences = scored.experiences
+    metrics = {**kept.metrics, "filter/dropped_groups": float(dropped), "filter/extra_rollouts": float(rounds),
+               "data/completions": float(sum(not e.dummy for e in experiences))}
+    return ScoredStep(experiences, metrics, kept.failed)
+
+
+def _by_question(experiences: Sequence[Experience]) -> dict[str, list[Experience]]:
+    out: dict[str, list[Experience]] = {}
+    for exp in experiences:
+        out.setdefault(exp.record.id, []).append(exp)
+    return out

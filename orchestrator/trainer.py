@@ -27,8 +27,13 @@ from orchestrator.metrics import MetricsLogger
 from orchestrator.placement import Placement, decide_gpus, plan_run
 from orchestrator.runtime import connect
 from orchestrator.sampler import QuestionSampler
-from orchestrator.scoring import score_step
-from orchestrator.settings import engine_settings, learner_settings, sampling_settings
+from orchestrator.scoring import ScoredStep, fill_informative, score_step
+from orchestrator.settings import (
+    engine_settings,
+    learner_settings,
+    sampling_settings,
+    scoring_rules,
+)
 from orchestrator.weights import WeightSync
 from rewards import RewardSet
 from rollout.engine import RolloutEngine
@@ -47,6 +52,7 @@ class Batch:
     results: list[RolloutResult] = field(default_factory=list)
     rollout_seconds: float = 0.0
     submitted_at: float = 0.0
+    reward_seconds: float = 0.0
 
 
 class Trainer:
@@ -169,17 +175,12 @@ class Trainer:
             self._restart_engines(exc.engines, why)
 
     # ------------------------------------------------------------------ the loop
-    def _submit(self, step: int) -> Batch:
+    def _submit(self, step: int, count: int | None = None) -> Batch:
         assert self.pool is not None
-        indices = self.sampler.next(self.config.grpo.questions_per_step)
+        indices = self.sampler.next(count or self.config.grpo.questions_per_step)
         records = [self.train_records[i] for i in indices]
         batch = Batch(step=step, indices=indices, records=records, submitted_at=time.perf_counter())
-        batch.pending = self.pool.submit(
-            records,
-            self.config.grpo.group_size,
-            sampling_settings(self.config),
-            salt=step,
-        )
+        batch.pending = self.pool.submit(records, self.config.grpo.group_size, sampling_settings(self.config), salt=step)
         return batch
 
     def _collect(self, batch: Batch) -> None:
@@ -190,12 +191,8 @@ class Trainer:
         while dead:
             self._restart_engines(dead, f"during the rollout of step {batch.step}")
             lost = [i for i, r in enumerate(results) if r is None]
-            retry = self.pool.submit(
-                [batch.records[i] for i in lost],
-                self.config.grpo.group_size,
-                sampling_settings(self.config),
-                salt=batch.step,
-            )
+            retry = self.pool.submit([batch.records[i] for i in lost], self.config.grpo.group_size,
+                                     sampling_settings(self.config), salt=batch.step)
             part, dead = self.pool.collect_partial(retry)
             for i, result in zip(lost, part, strict=True):
                 results[i] = result
@@ -260,8 +257,9 @@ class Trainer:
                 self._record_questions(batch)
                 if c.grpo.off_policy and step < end:
                     pending = self._submit(step + 1)  # rolls out on the current weights while we learn
+                scored = self._score(batch)
                 asleep = self.sharing.sleep()
-                values = self._learn(batch)
+                values = self._learn(batch, scored)
                 self._check_skipped(values, step)
                 self._check_signal(values, step, logger)
                 if pending is not None:
@@ -353,25 +351,36 @@ class Trainer:
         with open(self.run_dir / "questions.jsonl", "a", encoding="utf-8") as fh:
             fh.write(json.dumps(row) + "\n")
 
-    def _learn(self, batch: Batch) -> dict[str, float]:
-        """Score the batch, take one optimizer step on it; the step's metrics (names: omni.metrics)."""
-        assert self.learner is not None
+    def _score(self, batch: Batch) -> ScoredStep:
+        """Rewards and advantages; with ``grpo.dynamic_sampling`` more questions are rolled out
+        (engines awake, before the learner's turn) until the batch has signal."""
         c = self.config
         started = time.perf_counter()
-        scored = score_step(
-            batch.step, batch.records, batch.results, self.rewards,
-            adv_eps=c.grpo.adv_eps, skip_failed=c.data.skip_bad_records,
-        )
+        scored = score_step(batch.step, batch.records, batch.results, self.rewards, scoring_rules(c))
+        if c.grpo.dynamic_sampling:
+            scored = fill_informative(scored, lambda n: self._draw(batch.step, n), c.grpo.questions_per_step,
+                                      c.grpo.max_extra_rollouts)
         for entry in scored.failed:
             self.bad_records.add(entry)
-        reward_seconds = time.perf_counter() - started
+        batch.reward_seconds = time.perf_counter() - started
+        return scored
+
+    def _draw(self, step: int, count: int) -> ScoredStep:
+        extra = self._submit(step, count)
+        self._collect(extra)
+        self._record_questions(extra)
+        return score_step(step, extra.records, extra.results, self.rewards, scoring_rules(self.config))
+
+    def _learn(self, batch: Batch, scored: ScoredStep) -> dict[str, float]:
+        """One learner step on the scored batch; the step's metrics (names: omni.metrics)."""
+        assert self.learner is not None
         learned = self.learner.train_step(scored.experiences)
         generated = sum(len(e.completion_ids) for e in scored.experiences)
         return {
             **scored.metrics,
             **learned,
             "timing/rollout_s": batch.rollout_seconds,
-            "timing/reward_s": reward_seconds,
+            "timing/reward_s": batch.reward_seconds,
             "throughput/rollout_tokens_per_s": generated / max(batch.rollout_seconds, 1e-9),
             "throughput/learner_tokens_per_s": learned["learner/input_tokens"] / max(learned["timing/learn_s"], 1e-9),
         }
@@ -379,21 +388,11 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints & eval
     def _checkpoint(self) -> Path:
         assert self.learner is not None
-        state = {
-            "step": self.step,
-            "sampler": self.sampler.state_dict(),
-            "total_steps": self.total_steps,
-            "config": self.config.model_dump(mode="json"),
-            "time": time.time(),
-        }
-
+        state = {"step": self.step, "sampler": self.sampler.state_dict(), "total_steps": self.total_steps,
+                 "config": self.config.model_dump(mode="json"), "time": time.time()}
         path = ckpt.save_checkpoint(
-            self.run_dir,
-            self.step,
-            lambda tmp: self.learner.save(str(tmp), {"step": self.step}),  # type: ignore[union-attr]
-            state,
-            keep_last=self.config.checkpoint.keep_last,
-            verify=ckpt.verify_model_folder,
+            self.run_dir, self.step, lambda tmp: self.learner.save(str(tmp), {"step": self.step}),  # type: ignore[union-attr]
+            state, keep_last=self.config.checkpoint.keep_last, verify=ckpt.verify_model_folder,
         )
         self._say(f"checkpoint: {path}")
         return path

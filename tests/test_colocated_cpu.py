@@ -31,9 +31,9 @@ class RecordingTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.completions: list[list[list[int]]] = []
 
-    def _learn(self, batch: Batch) -> dict[str, float]:
+    def _learn(self, batch: Batch, scored) -> dict[str, float]:
         self.completions.append([c.token_ids for r in batch.results for c in r.completions])
-        return super()._learn(batch)
+        return super()._learn(batch, scored)
 
 
 def run(config) -> tuple[RecordingTrainer, dict]:
@@ -101,7 +101,7 @@ def test_a_learner_rank_killed_during_a_handoff_restarts_the_run(
 def test_colocation_needs_pairs_and_no_overlap() -> None:
     from orchestrator.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="rollout.num_engines .1. must equal learner.num_ranks .2."):
-        load_config(None, ["placement.mode=colocated", "learner.num_ranks=2"])
+    with pytest.raises(ConfigError, match=r"rollout.num_engines \(2\) must not exceed learner.num_ranks \(1\)"):
+        load_config(None, ["placement.mode=colocated", "rollout.num_engines=2"])
     with pytest.raises(ConfigError, match="grpo.off_policy"):
         load_config(None, ["placement.mode=colocated", "grpo.off_policy=true"])

@@ -98,10 +98,12 @@ def ref_loss(logp, old, ref, adv, mask, beta, clip=None, agg="seq-mean-token-mea
         return sum(sum(r) / len(r) for r in rows) / len(rows)
     if agg == "token-mean":
         return sum(all_tokens) / len(all_tokens)
+    if agg == "seq-mean-token-sum":
+        return sum(sum(r) for r in rows) / len(rows)
     return sum(sum(r) / width for r in rows) / len(rows)
 
 
-@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
 @pytest.mark.parametrize("clip", [None, 0.2])
 def test_policy_loss_matches_formula(agg: str, clip: float | None) -> None:
     logp, ref, adv, mask = batch()
@@ -141,7 +143,7 @@ def test_beta_zero_and_no_reference() -> None:
     assert with_ref.item() == pytest.approx(without.item()) and m1["kl"] == m2["kl"] == 0.0
 
 
-@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"])
+@pytest.mark.parametrize("agg", ["seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"])
 def test_parts_of_a_batch_sum_to_the_whole(agg: str) -> None:
     """What a rank's micro-batches contribute adds up to the full-batch loss (data parallelism)."""
     from learner.grpo import LossNorm

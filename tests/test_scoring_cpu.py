@@ -8,7 +8,14 @@ import pytest
 import torch
 
 from avqa import Record
-from orchestrator.scoring import RolloutFailed, group_metrics, score_step
+from orchestrator.scoring import (
+    RolloutFailed,
+    ScoringRules,
+    fill_informative,
+    group_metrics,
+    overlong_penalty,
+    score_step,
+)
 from rewards import RewardSet
 from rollout.types import Completion, RolloutResult
 
@@ -31,7 +38,7 @@ def test_advantages_are_normalised_per_question_id_in_float64() -> None:
         RolloutResult("q1", completions=[completion(RIGHT.format("B")), completion(WRONG), completion(RIGHT.format("A"))]),
         RolloutResult("q2", completions=[completion(RIGHT.format("B"), 5, "length"), completion(RIGHT.format("B"))]),
     ]
-    scored = score_step(1, records, results, RewardSet(), adv_eps=1e-4, skip_failed=False)
+    scored = score_step(1, records, results, RewardSet(), ScoringRules(skip_failed=False))
     # rewards: q1 → 2 (right + format), 0, 1 (format only); q2 → 2, 2
     r = torch.tensor([2.0, 0.0, 1.0], dtype=torch.float64)
     expected = ((r - r.mean()) / (r.std() + 1e-4)).tolist() + [0.0, 0.0]
@@ -55,7 +62,7 @@ def test_a_question_drawn_twice_is_one_group() -> None:
     records = [record("q1"), record("q1")]
     results = [RolloutResult("q1", completions=[completion(RIGHT.format("B")), completion(WRONG)]),
                RolloutResult("q1", completions=[completion(WRONG), completion(WRONG)])]
-    scored = score_step(3, records, results, RewardSet(), adv_eps=1e-4, skip_failed=False)
+    scored = score_step(3, records, results, RewardSet(), ScoringRules(skip_failed=False))
     r = torch.tensor([2.0, 0.0, 0.0, 0.0], dtype=torch.float64)
     assert [e.advantage for e in scored.experiences] == pytest.approx(((r - r.mean()) / (r.std() + 1e-4)).tolist())
     assert scored.metrics["reward/zero_advantage_groups"] == 0.0  # by position the second would be flat
@@ -66,17 +73,71 @@ def test_a_failed_question_stops_the_step_or_is_listed() -> None:
     results = [RolloutResult("q1", completions=[completion(WRONG), completion(RIGHT.format("B"))]),
                RolloutResult("q7", error="MediaError: broken.wav")]
     with pytest.raises(RolloutFailed, match=r"question 'q7' \(train.json, record 7\) failed in rollout: MediaError"):
-        score_step(2, records, results, RewardSet(), adv_eps=1e-4, skip_failed=False)
-    scored = score_step(2, records, results, RewardSet(), adv_eps=1e-4, skip_failed=True)
+        score_step(2, records, results, RewardSet(), ScoringRules(skip_failed=False))
+    scored = score_step(2, records, results, RewardSet(), ScoringRules(skip_failed=True))
     assert [e.record.id for e in scored.experiences] == ["q1", "q1"]
     assert scored.failed == [{"split": "train", "stage": "rollout", "step": 2, "id": "q7", "file": "train.json",
                               "index": 7, "error": "MediaError: broken.wav"}]
     assert scored.metrics["rollout/failed_questions"] == 1
     with pytest.raises(RolloutFailed, match="every question"):
-        score_step(2, records[1:], results[1:], RewardSet(), adv_eps=1e-4, skip_failed=True)
+        score_step(2, records[1:], results[1:], RewardSet(), ScoringRules(skip_failed=True))
 
 
 def test_group_metrics_of_flat_and_spread_groups() -> None:
     m = group_metrics(torch.tensor([1.0, 1.0, 0.0, 2.0]), ["a", "a", "b", "b"])
     assert m["reward/zero_advantage_groups"] == 0.5
     assert m["reward/group_std"] == pytest.approx((0.0 + 2**0.5) / 2)
+
+
+def test_overlong_penalty_and_mask() -> None:
+    rules = ScoringRules(overlong="penalty", max_new_tokens=10, overlong_buffer=4, overlong_penalty=0.5)
+    assert [overlong_penalty(n, rules) for n in (3, 6, 8, 10)] == [0.0, 0.0, -0.25, -0.5]
+    records = [record("q1")]
+    results = [RolloutResult("q1", completions=[completion(RIGHT.format("B"), 10, "length"), completion(WRONG, 2)])]
+    scored = score_step(1, records, results, RewardSet(), rules)
+    r = torch.tensor([2.0 - 0.5, 0.0], dtype=torch.float64)
+    assert [e.advantage for e in scored.experiences] == pytest.approx(((r - r.mean()) / (r.std() + 1e-4)).tolist())
+    assert scored.metrics["reward/overlong_penalty"] == pytest.approx(-0.25)
+    masked = score_step(1, records, results, RewardSet(), ScoringRules(overlong="mask", max_new_tokens=10))
+    assert [e.dummy for e in masked.experiences] == [True, False]  # in the baseline, out of the loss
+    assert masked.metrics["data/masked_overlong"] == 1 and masked.metrics["data/completions"] == 1
+    assert masked.experiences[1].advantage < 0  # its group still holds the cut completion's reward
+
+
+@pytest.mark.parametrize("name", ["grpo", "dr_grpo", "rloo", "reinforce_pp"])
+def test_scoring_uses_the_named_estimator(name: str) -> None:
+    from learner.advantages import advantages
+
+    records = [record("q1"), record("q2")]
+    results = [RolloutResult("q1", completions=[completion(RIGHT.format("B")), completion(WRONG)]),
+               RolloutResult("q2", completions=[completion(WRONG), completion(RIGHT.format("A"))])]
+    scored = score_step(1, records, results, RewardSet(), ScoringRules(advantage=name))
+    r = torch.tensor([2.0, 0.0, 0.0, 1.0], dtype=torch.float64)
+    expected = advantages(name, r, ["q1", "q1", "q2", "q2"]).tolist()
+    assert [e.advantage for e in scored.experiences] == pytest.approx(expected)
+
+
+def test_dynamic_sampling_drops_flat_groups_and_draws_more() -> None:
+    def step(*groups: tuple[str, list[str]]):
+        records = [record(q) for q, _ in groups]
+        results = [RolloutResult(q, completions=[completion(t) for t in texts]) for q, texts in groups]
+        return score_step(1, records, results, RewardSet(), ScoringRules())
+
+    first = step(("q1", [WRONG, WRONG]), ("q2", [RIGHT.format("B"), WRONG]), ("q3", [WRONG, WRONG]))
+    draws = iter([step(("q4", [WRONG, WRONG]), ("q5", [WRONG, WRONG])), step(("q6", [WRONG, RIGHT.format("B")]))])
+    asked: list[int] = []
+
+    def draw(count: int):
+        asked.append(count)
+        return next(draws)
+
+    filled = fill_informative(first, draw, want=2, max_rounds=3)
+    assert asked == [1, 1]  # one question short, twice (the first draw had none with signal)
+    assert sorted({e.record.id for e in filled.experiences}) == ["q2", "q6"]
+    assert filled.metrics["filter/dropped_groups"] == 4 and filled.metrics["filter/extra_rollouts"] == 2
+    assert filled.metrics["reward/total"] == first.metrics["reward/total"]  # the first rollout's rewards
+    capped = fill_informative(first, lambda n: step(("q9", [WRONG, WRONG])), want=3, max_rounds=1)
+    assert [e.record.id for e in capped.experiences] == ["q2", "q2"]
+    assert capped.metrics["filter/extra_rollouts"] == 1
+    nothing = fill_informative(step(("q1", [WRONG, WRONG])), lambda n: step(("q9", [WRONG, WRONG])), 1, 1)
+    assert len(nothing.experiences) == 2  # no signal anywhere: the batch as it came
