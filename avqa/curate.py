@@ -16,6 +16,8 @@ from tqdm import tqdm
 from avqa.record import LETTERS
 
 KEEP_SOURCE = "AVQA"
+# AVQA-R1-6K as released (EchoInk-R1): the questions each split of OmniInstruct-v1 gives
+RELEASED_COUNTS: dict[str, int] = {"train": 4490, "valid": 1911}
 
 
 @dataclass
@@ -30,6 +32,40 @@ class CurateReport:
         if len(self.skipped) > 20:
             lines.append(f"  … and {len(self.skipped) - 20} more (see skipped.jsonl)")
         return "\n".join(lines)
+
+    def skip_reasons(self) -> dict[str, int]:
+        """Skipped rows counted by the field that failed ("answer", "audio", …)."""
+        counts: dict[str, int] = {}
+        for item in self.skipped:
+            reason = str(item.get("reason", ""))
+            key = reason.split("'")[1] if reason.startswith("field '") else reason
+            counts[key] = counts.get(key, 0) + 1
+        return counts
+
+    def count_check(self, split: str) -> str:
+        """How the kept count compares with the released AVQA-R1-6K split (4,490 train / 1,911 valid)."""
+        expected = RELEASED_COUNTS.get(split)
+        if expected is None:
+            return f"{split}: kept {self.kept} (no released count to compare with)"
+        if self.kept == expected:
+            return f"{split}: kept {self.kept}, as released"
+        reasons = ", ".join(f"{n} {why}" for why, n in sorted(self.skip_reasons().items())) or "none"
+        return (
+            f"{split}: kept {self.kept}, the released split has {expected} ({self.kept - expected:+d}); "
+            f"AVQA rows seen {self.kept + len(self.skipped)}, skipped {len(self.skipped)} (by field: {reasons}), "
+            f"rows of other sources {self.other_source}"
+        )
+
+    def to_dict(self, split: str) -> dict[str, Any]:
+        return {
+            "split": split,
+            "kept": self.kept,
+            "other_source": self.other_source,
+            "skipped": len(self.skipped),
+            "skipped_by_field": self.skip_reasons(),
+            "released": RELEASED_COUNTS.get(split),
+            "check": self.count_check(split),
+        }
 
 
 def open_source(source: str, split: str) -> Any:
@@ -153,3 +189,61 @@ def _write_audio(value: Any, dest: Path) -> None:
     if samples.size == 0 or not np.all(np.isfinite(samples)):
         raise ValueError("field 'audio': empty or non-finite samples")
     sf.write(dest, samples, rate, subtype="PCM_16")
+
+
+def write_synthetic_source(folder: str | Path, *, train: int = 8, valid: int = 6, seed: int = 0) -> Path:
+    """An OmniInstruct-v1-shaped source for rehearsals and tests: one parquet file per split with the
+    columns curation reads (``id``, ``source``, ``question``, ``options``, ``answer``, ``audio`` and
+    ``image`` as encoded bytes), the synthetic task's media (`avqa.synth`), and beside the AVQA rows
+    one row of another source and one whose answer is not an option per split (curation skips both)."""
+    import datasets
+    import pyarrow as pa
+
+    from avqa import synth
+
+    spec = synth.DEMO_SPEC
+    out = Path(folder)
+    (out / "data").mkdir(parents=True, exist_ok=True)
+    features = datasets.Features(
+        {
+            "id": datasets.Value("int64"),
+            "source": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "options": datasets.List(datasets.Value("string")),
+            "answer": datasets.Value("string"),
+            "audio": datasets.Audio(),
+            "image": datasets.Image(),
+        }
+    )
+    for split_index, (split, count) in enumerate((("train", train), ("valid", valid))):
+        rng = np.random.default_rng([seed, split_index])
+        rows: list[dict[str, Any]] = []
+        for i in range(count + 2):
+            colour = spec.colours[rng.integers(len(spec.colours))]
+            tone = spec.tones[rng.integers(len(spec.tones))]
+            options = [synth.option_text(c, t) for c, t in synth.choose_options(colour, tone, spec, rng)]
+            answer = synth.option_text(colour, tone)
+            source = KEEP_SOURCE
+            if i == count:
+                source = "MUSIC-AVQA"  # another source: ignored
+            elif i == count + 1:
+                answer = "none of these"  # not an option: skipped
+            image = io.BytesIO()
+            synth.draw_image(colour, spec.image_size, rng, spec.shape_scale).save(image, format="JPEG", quality=92)
+            audio = io.BytesIO()
+            sf.write(audio, synth.make_tone(tone, spec, rng), spec.sample_rate, format="WAV", subtype="PCM_16")
+            rows.append(
+                {
+                    "id": 100_000 * split_index + i,
+                    "source": source,
+                    "question": synth.QUESTION,
+                    "options": options,
+                    "answer": answer,
+                    "audio": {"bytes": audio.getvalue(), "path": None},
+                    "image": {"bytes": image.getvalue(), "path": None},
+                }
+            )
+        table = pa.table({name: [row[name] for row in rows] for name in features})
+        ds = datasets.Dataset(table.cast(features.arrow_schema), info=datasets.DatasetInfo(features=features))
+        ds.to_parquet(str(out / "data" / f"{split}-00000-of-00001.parquet"))
+    return out

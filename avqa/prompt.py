@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 from avqa.record import Record
@@ -28,6 +30,33 @@ def prompt_text(record: Record) -> str:
     return question_text(record) + "\n" + REASONING_INSTRUCTION
 
 
+@dataclass(frozen=True)
+class PromptOverride:
+    """Another prompt for one record: an evaluation protocol's user text and system message.
+
+    Carried in ``Record.extra[PROMPT_OVERRIDE]`` (see :func:`with_prompt`), so that a protocol's
+    records go through the same engines, `omni.inputs.prepare_prompt` and this module as training
+    records do. ``system_prompt`` None: no system turn (the chat template's default applies). Only
+    an instance of this class counts: a JSON field of that name in a dataset file changes nothing.
+    """
+
+    text: str
+    system_prompt: str | None = None
+
+
+PROMPT_OVERRIDE = "prompt_override"  # the Record.extra key of a PromptOverride
+
+
+def with_prompt(record: Record, override: PromptOverride) -> Record:
+    """A copy of ``record`` whose messages carry ``override`` instead of the training prompt."""
+    return dataclasses.replace(record, extra={**record.extra, PROMPT_OVERRIDE: override})
+
+
+def prompt_override(record: Record) -> PromptOverride | None:
+    value = record.extra.get(PROMPT_OVERRIDE)
+    return value if isinstance(value, PromptOverride) else None
+
+
 def build_messages(
     record: Record,
     *,
@@ -38,8 +67,14 @@ def build_messages(
     """One user turn: the image, then the audio, then the text (the reference order).
 
     ``image`` and ``audio`` default to the record's file paths; pass loaded media to carry them
-    in the message. A processor's chat template renders the placeholders either way.
+    in the message. A processor's chat template renders the placeholders either way. The text is
+    the training prompt, unless the record carries a :class:`PromptOverride` (an evaluation
+    protocol's), whose text and system message then replace it and ``system_prompt``.
     """
+    text = prompt_text(record)
+    override = prompt_override(record)
+    if override is not None:
+        text, system_prompt = override.text, override.system_prompt
     messages: list[dict[str, Any]] = []
     if system_prompt is not None:
         messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
@@ -49,7 +84,7 @@ def build_messages(
             "content": [
                 {"type": "image", "image": str(record.image_path) if image is None else image},
                 {"type": "audio", "audio": str(record.audio_path) if audio is None else audio},
-                {"type": "text", "text": prompt_text(record)},
+                {"type": "text", "text": text},
             ],
         }
     )

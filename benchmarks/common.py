@@ -12,6 +12,8 @@ from typing import Any
 
 WORK = Path(os.environ.get("ECHOINK_BENCH_DIR", "/tmp/echoink-bench"))
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (H200: the same chip)
+# dense bf16 peaks by a word of the device name; an H200 is the H100's GH100 chip with more memory
+BF16_PEAKS = {"H100": H100_BF16_PEAK, "H200": H100_BF16_PEAK}
 
 
 def model_folder(layout: str, *, weights: bool = False) -> Path:
@@ -77,6 +79,16 @@ def card() -> str:
     except Exception:
         pass
     return "CPU"
+
+
+def peak_flops() -> tuple[float | None, str]:
+    """Dense bf16 FLOP/s of this machine's GPU and its name; None where no peak is known (the CPU,
+    another card): MFU is then not printed, the FLOP counts still are."""
+    name = card()
+    for word, peak in BF16_PEAKS.items():
+        if word in name:
+            return peak, f"{peak / 1e12:.0f} TFLOP/s dense bf16 ({word})"
+    return None, f"no peak known for {name}"
 
 
 def report(name: str, rows: list[tuple[str, str]], ratio: tuple[str, float], extra: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 
 from learner.export import copy_model_files, write_weights
-from learner.grpo import LossNorm, policy_loss
+from learner.grpo import LossNorm, aggregate, policy_loss
 from learner.schedule import lr_multiplier
 from learner.types import Experience, LearnerSettings
 from omni.failpoints import failpoint
@@ -264,30 +264,29 @@ class LearnerWorker:
             thinker_config = getattr(config, "thinker_config", config)
             from transformers.initialization import no_init_weights
 
-            # transformers' own initialisation indexes into weights that ZeRO-3 has already
-            # partitioned away; the weights are loaded right after (or stay at torch's defaults
-            # for random-weight benchmarks). The dtype comes from the config's bf16 section:
-            # DeepSpeed 0.19.8 ignores an explicit dtype on accelerators without fp16 (the CPU).
+            drawn = None
+            if s.random_init and self.rank == 0:
+                # The weights ZeRO-2 would draw, bit for bit: the same build, whole, on rank 0
+                # (before zero.Init, which would partition it), then scattered into the shards
+                # below and freed (rank 0 holds one whole copy meanwhile: 17.9 GB for the 7B in
+                # bf16). transformers' own initialisation cannot run inside zero.Init: it writes
+                # into parameters already partitioned away (and no_init_weights, needed for that
+                # reason, leaves the shards as whatever memory held); its per-module ZeRO-3 variant
+                # draws in another order than the whole build, so other values.
+                drawn = build_thinker(s, self.device, self.dtype)
+            # The dtype comes from the config's bf16 section: DeepSpeed 0.19.8 ignores an explicit
+            # dtype on accelerators without fp16 (the CPU).
             with deepspeed.zero.Init(config_dict_or_path=self.ds_config), no_init_weights():
                 model = Thinker._from_config(thinker_config, attn_implementation=s.attn_implementation, dtype=self.dtype)
-            if not s.random_init:
+            if s.random_init:
+                scatter_zero3(model, drawn, self.rank)
+                del drawn
+                if self.cuda:
+                    torch.cuda.empty_cache()  # the whole copy's blocks: the optimizer states want them
+            else:
                 self._load_weights_zero3(model)
-        elif s.random_init:
-            config = AutoConfig.from_pretrained(str(s.model_path), local_files_only=True)
-            thinker_config = getattr(config, "thinker_config", config)
-            # the same seed for the policy and the reference (they start equal, as from a checkpoint);
-            # built on the device: initialising billions of weights on the host's CPU takes minutes
-            torch.manual_seed(s.seed)
-            with torch.device(self.device):
-                model = Thinker._from_config(thinker_config, attn_implementation=s.attn_implementation, dtype=self.dtype)
         else:
-            model = Thinker.from_pretrained(
-                str(s.model_path),
-                dtype=self.dtype,
-                attn_implementation=s.attn_implementation,
-                local_files_only=True,
-                use_safetensors=True,  # never unpickle weights
-            )
+            model = build_thinker(s, self.device, self.dtype)
         model.to(self.device)
         if not trainable:
             model.eval()
@@ -361,7 +360,9 @@ class LearnerWorker:
         batch.completion_mask = batch.completion_mask.float()
         return batch
 
-    def _logprobs(self, model: Any, batch: ModelBatch) -> torch.Tensor:
+    def _logprobs(
+        self, model: Any, batch: ModelBatch, entropy: list[torch.Tensor] | None = None, entropy_grad: bool = False
+    ) -> torch.Tensor:
         module = getattr(model, "module", model)
         return completion_logprobs(
             model,
@@ -369,6 +370,8 @@ class LearnerWorker:
             lm_head=module.lm_head,
             temperature=self.settings.temperature,
             chunk=self.settings.logprob_chunk,
+            entropy=entropy,
+            entropy_grad=entropy_grad,
         )
 
     # ------------------------------------------------------------------ training
@@ -399,27 +402,22 @@ class LearnerWorker:
             real = torch.tensor([0.0 if e.dummy else 1.0 for e in micro], device=self.device)
             mask = batch.completion_mask * real.unsqueeze(1)
             advantages = torch.tensor([e.advantage for e in micro], device=self.device, dtype=torch.float32)
-            logp = self._logprobs(self.engine, batch)
+            entropy: list[torch.Tensor] = []
+            logp = self._logprobs(self.engine, batch, entropy, entropy_grad=s.entropy_coef > 0)
             ref_logp = None
             if self.reference is not None:
                 with torch.no_grad():
                     ref_logp = self._logprobs(self.reference, batch)
             sampled = sampler_logprobs([e.sampler_logprobs for e in micro], mask)
-            old_logp, is_weights = logp.detach(), None
-            if s.off_policy and sampled is not None:
-                # A token without a sampler log-prob is treated as on-policy: its ratio π/π_old
-                # and its importance weight are 1. Its weight π/μ is unknown, and 1 is that
-                # weight's expectation under the sampler (E_μ[π/μ] = 1): the token keeps its
-                # uncorrected gradient, as with no correction at all, and stays in the loss's
-                # normalisation like every other trained token, so a rare gap changes the step
-                # little. A weight of 0 (masking the token) would drop its gradient and shrink its
-                # completion's share instead; reading log μ as 0 gave the weight π (< 1), which
-                # shrank exactly the tokens that vLLM failed to report.
-                if s.clip_eps is not None:
-                    old_logp = torch.where(sampled.known, sampled.logprobs, logp.detach())  # PPO's clip against the sampler
-                else:  # truncated importance weights from the sampler to the current policy
-                    weights = torch.exp(logp.detach() - sampled.logprobs).clamp(max=s.is_clip)
-                    is_weights = torch.where(sampled.known, weights, torch.ones_like(weights)) * mask
+            old_logp = logp.detach()
+            if micro[0].old_logprobs is not None:  # a later pass over the batch: the first pass's policy
+                old_logp = _rows(torch.zeros_like(logp), [e.old_logprobs for e in micro])
+            if s.off_policy and sampled is not None and s.clip_eps is not None:
+                # PPO's clip against the behaviour policy, which sampled a step ago. A token without
+                # a sampler log-prob is treated as on-policy (ratio 1); see rollout_weights
+                old_logp = torch.where(sampled.known, sampled.logprobs, old_logp)
+            correction = _correction(s)
+            is_weights = rollout_weights(logp.detach(), sampled, mask, correction, s) if sampled is not None else None
             loss, metrics = policy_loss(
                 logp,
                 old_logp,
@@ -432,7 +430,11 @@ class LearnerWorker:
                 kl=s.kl_estimator,
                 is_weights=is_weights,
                 norm=norm,
+                loss=s.policy_loss,
             )
+            if s.entropy_coef > 0:  # an entropy bonus: −c · H, aggregated like the loss
+                loss = loss - s.entropy_coef * aggregate(entropy[0], mask, s.loss_agg, norm)
+            parts["entropy"] += float((entropy[0].detach() * mask).sum())
             if failpoint("learner.loss") == "nan":
                 loss = loss * float("nan")
             if not torch.isfinite(loss):
@@ -459,6 +461,16 @@ class LearnerWorker:
                 parts["mismatch/logprob_abs_error"] += float(logp_gap.sum())
                 parts["mismatch/missing_logprobs"] += float(sampled.missing.sum())
                 parts["_sampled_tokens"] += float(sampled.known.sum())
+                # the learner against the sampler on the sampled tokens: KL(μ‖π) by k3 (r − 1 − log r,
+                # r = π/μ) and the log-perplexity gap (mean log μ − mean log π)
+                log_r = torch.where(sampled.known, detached - sampled.logprobs, zero)
+                parts["rollout_correction/kl"] += float(torch.where(sampled.known, log_r.exp() - 1 - log_r, zero).sum())
+                parts["rollout_correction/log_ppl_diff"] += float(-log_r.sum())
+                if is_weights is not None:
+                    w = torch.where(mask > 0, is_weights, zero)
+                    parts["rollout_correction/masked_share"] += float(((w == 0) & (mask > 0)).sum())
+                    parts["_weight_sum"] += float(w.sum())
+                    parts["_weight_sq_sum"] += float((w**2).sum())
         skipped_before = self.engine.skipped_steps
         self.engine.step()  # DeepSpeed skips the update (and clears the gradients) on a non-finite norm
         parts["learner/step_skipped"] = float(self.engine.skipped_steps - skipped_before)
@@ -633,6 +645,53 @@ def safe_torch_load(path: str, map_location: Any = None) -> Any:
         return torch.load(path, map_location=map_location, weights_only=True)
 
 
+def build_thinker(settings: LearnerSettings, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The whole (unpartitioned) thinker: the checkpoint's weights, or with ``random_init``
+    transformers' initialisation drawn from ``settings.seed`` on ``device``.
+
+    One function for every path that draws random weights — ZeRO-2 ranks, ZeRO-3's rank 0 (which
+    scatters them into the partitions) and the bare forward/backward of
+    benchmarks/bench_learner.py — so that they all start from the same values for a seed.
+    """
+    from transformers import AutoConfig
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
+
+    if not settings.random_init:
+        return Thinker.from_pretrained(
+            str(settings.model_path),
+            dtype=dtype,
+            attn_implementation=settings.attn_implementation,
+            local_files_only=True,
+            use_safetensors=True,  # never unpickle weights
+        )
+    config = AutoConfig.from_pretrained(str(settings.model_path), local_files_only=True)
+    thinker_config = getattr(config, "thinker_config", config)
+    # the same seed for the policy and the reference (they start equal, as from a checkpoint);
+    # built on the device: initialising billions of weights on the host's CPU takes minutes, and
+    # the device's generator is what every path draws from
+    torch.manual_seed(settings.seed)
+    with torch.device(device):
+        return Thinker._from_config(thinker_config, attn_implementation=settings.attn_implementation, dtype=dtype)
+
+
+def scatter_zero3(model: torch.nn.Module, whole: torch.nn.Module | None, rank: int) -> None:
+    """Fill ``model``'s ZeRO-3 partitions with the values of rank 0's unpartitioned ``whole``
+    (None on the other ranks): every rank joins each parameter's gather, rank 0 overwrites the full
+    tensor and every rank keeps its shard of it. Buffers (rotary frequencies) are not partitioned:
+    each rank's construction computed them from the config."""
+    import deepspeed
+
+    if rank == 0 and whole is None:
+        raise ValueError("scatter_zero3: rank 0 needs the whole model")
+    source = dict(whole.named_parameters()) if rank == 0 and whole is not None else {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank == 0:
+                if name not in source:
+                    raise KeyError(f"scatter_zero3: the whole model has no parameter {name}")
+                param.data.copy_(source[name].data)
+
+
 def _numel(param: torch.Tensor) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
@@ -649,6 +708,59 @@ class SamplerLogprobs:
     logprobs: torch.Tensor  # float32; NaN where unknown
     known: torch.Tensor  # bool: a trained token (in the mask) with a finite sampler log-prob
     missing: torch.Tensor  # bool: a trained token of a completion that came with log-probs, lacking one
+
+
+def _correction(s: LearnerSettings) -> str:
+    """``auto``: truncated importance weights for a one-step-off sampler, unless a clipped loss
+    already takes its ratio against the sampler; none on policy (the reference run)."""
+    if s.rollout_correction == "auto":
+        return "tis" if s.off_policy and s.clip_eps is None else "none"
+    return s.rollout_correction
+
+
+def rollout_weights(
+    logp: torch.Tensor, sampled: SamplerLogprobs, mask: torch.Tensor, correction: str, s: LearnerSettings
+) -> torch.Tensor | None:
+    """Per-token weights of the policy term that correct for sampling with vLLM's probabilities μ
+    instead of the learner's π (a one-step-off sampler, or the two engines' numerical gap):
+
+    - tis: min(π/μ, C), truncated importance sampling (Ionides 2008; Yao et al. 2025, "Your
+      efficient RL framework secretly brings you off-policy RL training"), C = ``is_clip``;
+    - token_mask: 1 where π/μ lies in [low, high], else 0 (the token leaves the loss);
+    - seq_mask: 1 for a whole completion whose geometric-mean ratio exp(mean log π/μ) lies in
+      [low, high], else 0.
+
+    A token without a sampler log-prob is treated as on-policy: weight 1. Its weight π/μ is
+    unknown, and 1 is that weight's expectation under the sampler (E_μ[π/μ] = 1): the token keeps
+    its uncorrected gradient and its place in the loss's normalisation. (Reading log μ as 0 gave
+    the weight π < 1, which shrank exactly the tokens that vLLM failed to report.)
+    """
+    if correction == "none":
+        return None
+    ones = torch.ones_like(logp)
+    if correction == "tis":
+        weights = torch.exp(logp - sampled.logprobs).clamp(max=s.is_clip)
+        return torch.where(sampled.known, weights, ones) * mask
+    log_r = torch.where(sampled.known, logp - sampled.logprobs, torch.zeros_like(logp))
+    low, high = math.log(s.correction_low), math.log(s.correction_high)
+    if correction == "token_mask":
+        keep = (log_r >= low) & (log_r <= high)
+    elif correction == "seq_mask":
+        known = sampled.known.to(logp.dtype)
+        mean = (log_r * known).sum(dim=1, keepdim=True) / known.sum(dim=1, keepdim=True).clamp(min=1)
+        keep = ((mean >= low) & (mean <= high)).expand_as(log_r)
+    else:
+        raise ValueError(f"unknown rollout correction {correction!r}")
+    return keep.to(logp.dtype) * mask
+
+
+def _rows(out: torch.Tensor, rows: Sequence[Sequence[float] | None]) -> torch.Tensor:
+    """Per-token values of each completion into ``out`` ([B, C]); shorter rows keep out's value."""
+    for i, row in enumerate(rows):
+        if row:
+            n = min(len(row), out.shape[1])
+            out[i, :n] = torch.tensor(list(row[:n]), dtype=out.dtype)
+    return out
 
 
 def sampler_logprobs(rows: Sequence[Sequence[float] | None], mask: torch.Tensor) -> SamplerLogprobs | None:

@@ -128,7 +128,7 @@ def _train(args: argparse.Namespace) -> int:
     from orchestrator.config import load_config
     from orchestrator.trainer import train
 
-    config = _absolute_config(load_config(args.config, args.set))
+    config = _absolute_config(load_config(args.config, args.set, recipe=args.recipe))
     summary = train(config, resume=args.resume, stop_after=args.stop_after_steps)
     run_dir = Path(summary["run_dir"])
     print(f"run folder:   {run_dir}")
@@ -159,7 +159,9 @@ def _eval(args: argparse.Namespace) -> int:
         ablate=ablate,
         limit=args.limit,
         out_dir=out,
+        protocol=args.protocol,
     )
+    print(f"protocol: {result.summary['protocol']['name']} ({result.summary['protocol']['description']})")
     print(result.table())
     print(f"results: {result.out_dir / 'results.jsonl'}")
     print(f"summary: {result.out_dir / 'summary.json'}")
@@ -171,11 +173,28 @@ def _compare(args: argparse.Namespace) -> int:
 
     from orchestrator.evalrun import compare, compare_table
 
-    result = compare(args.a, args.b, condition=args.condition)
+    result = compare(args.a, args.b, condition=args.condition, allow_mixed_protocols=args.allow_mixed_protocols)
     print(compare_table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")
         print(f"written: {args.json}")
+    return 0
+
+
+def _reproduce(args: argparse.Namespace) -> int:
+    from orchestrator.reproduce import reproduce
+
+    state = reproduce(
+        args.out,
+        model=args.model,
+        omniinstruct=args.omniinstruct,
+        rehearse=args.rehearse,
+        config_path=args.config,
+        overrides=args.set,
+        stop_after_steps=args.stop_after_steps,
+    )
+    if "report" in state:
+        print(Path(state["report"]).read_text(encoding="utf-8"))
     return 0
 
 
@@ -246,6 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
         "train", help="run GRPO training (in a local Ray, or the cluster it finds)", description=path_rule
     )
     _add_config_args(train)
+    train.add_argument("--recipe", type=Path, metavar="FILE",
+                       help="an algorithm's grpo keys over the config file, under --set (configs/recipes/*.yaml)")
     train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in output_dir")
     train.add_argument(
         "--stop-after-steps",
@@ -261,7 +282,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(ev)
     ev.add_argument("--checkpoint", required=True, type=Path, help="a checkpoint folder (base or trained)")
     ev.add_argument("--split", default="valid", choices=["valid", "train"])
-    ev.add_argument("--mode", choices=["greedy", "sampled"], help="default: eval.mode of the config")
+    ev.add_argument(
+        "--protocol",
+        choices=["fair", "paper-base", "paper-trained"],
+        help="how the model is asked and scored (default: eval.protocol of the config, fair): fair = the training "
+        "prompt, --mode decoding, the reward's parser; paper-base / paper-trained = the EchoInk-R1 paper's "
+        "protocols for the base and the trained model (their own prompt, decoding, 1024 tokens, lenient parser)",
+    )
+    ev.add_argument("--mode", choices=["greedy", "sampled"], help="default: eval.mode of the config (fair protocol)")
     ev.add_argument("--samples", type=int, help="samples per question in sampled mode (default: eval.samples of the config, 1)")
     ev.add_argument("--ablate", help="conditions, e.g. none,audio,image,both (audio → silence, image → grey)")
     ev.add_argument("--limit", type=int, help="only the first N questions")
@@ -273,7 +301,35 @@ def build_parser() -> argparse.ArgumentParser:
     cmp_.add_argument("b", type=Path)
     cmp_.add_argument("--condition", default="none", help="which ablation condition to compare (default none)")
     cmp_.add_argument("--json", type=Path, help="also write the comparison as JSON here")
+    cmp_.add_argument(
+        "--allow-mixed-protocols",
+        action="store_true",
+        help="compare folders evaluated with different protocols (refused by default: the difference would mix "
+        "the models' with the protocols')",
+    )
     cmp_.set_defaults(func=_compare)
+
+    rep = sub.add_parser(
+        "reproduce",
+        help="the EchoInk-R1 paper's numbers: curate, evaluate the base model, train, evaluate, report",
+        description="Curate AVQA-R1-6K from OmniInstruct-v1, evaluate the base model with the paper's paper-base "
+        "protocol and the fair one, train with configs/echoink_r1_7b.yaml, evaluate the result with "
+        "paper-trained and fair, and write OUT/report.md beside the paper's 80.53 / 85.77. Each stage leaves a "
+        "marker in OUT: the same command again continues where a call stopped. " + path_rule,
+    )
+    rep.add_argument("--model", type=Path, help="the base checkpoint (Qwen2.5-Omni-7B); --rehearse: default a tiny one")
+    rep.add_argument("--omniinstruct", help="OmniInstruct-v1: a `datasets` folder, parquet files or a hub id; "
+                     "--rehearse: default a synthetic source")
+    rep.add_argument("--out", required=True, type=Path, help="the reproduction's folder (data, eval, train, report.md)")
+    rep.add_argument("--rehearse", action="store_true",
+                     help="the whole chain in minutes on CPUs: tiny random model, synthetic source, 2 steps, "
+                     "the paper protocols' token limit cut")
+    rep.add_argument("--config", type=Path, help="another reference config (default configs/echoink_r1_7b.yaml)")
+    rep.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                     help="override a key of the reference config (repeatable), e.g. --set rollout.num_engines=2")
+    rep.add_argument("--stop-after-steps", type=int, metavar="K",
+                     help="train K steps in this call and stop; the same command again continues")
+    rep.set_defaults(func=_reproduce)
 
     plot = sub.add_parser("plot", help="PNG figures from a run folder's metrics.jsonl")
     plot.add_argument("run_dir", type=Path)

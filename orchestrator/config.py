@@ -46,18 +46,95 @@ class MediaConfig(Section):
 
 
 class GRPOConfig(Section):
+    """The algorithm. Defaults are the reference run's (EchoInk-R1: vanilla GRPO); README's table
+    "The GRPO family" names each choice's formula and source. Combinations that would do nothing
+    or contradict each other are refused before anything starts."""
+
     group_size: int = Field(16, ge=2, description="G: completions per question")
     questions_per_step: int = Field(8, ge=1)
+    advantage: Literal["grpo", "dr_grpo", "rloo", "reinforce_pp"] = Field(
+        "grpo", description="advantage estimator (learner/advantages.py)"
+    )
+    policy_loss: Literal["reference", "ppo_clip", "gspo"] = Field(
+        "reference", description="reference: ratio·A on policy; ppo_clip: clipped token ratio; gspo: clipped sequence ratio"
+    )
+    clip_eps: float | None = Field(None, gt=0.0, description="clip range (low side, and high unless clip_eps_high) of ppo_clip / gspo")
+    clip_eps_high: float | None = Field(None, gt=0.0, description="the clip's high side (DAPO's clip-higher); default clip_eps")
+    epochs_per_batch: int = Field(1, ge=1, description="optimizer passes over each step's batch")
+    mini_batches: int = Field(1, ge=1, description="optimizer steps per pass (the batch split by question)")
     beta: float = Field(0.001, ge=0.0, description="KL weight; 0 skips the reference model")
     kl_estimator: Literal["k1", "k2", "k3"] = "k3"
-    clip_eps: float | None = Field(None, gt=0.0, description="PPO clip; null is the reference run's loss")
-    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm"] = "seq-mean-token-mean"
+    loss_agg: Literal["seq-mean-token-mean", "token-mean", "seq-mean-token-sum", "seq-mean-token-sum-norm"] = (
+        "seq-mean-token-mean"
+    )
     adv_eps: float = Field(1e-4, gt=0.0)
+    entropy_coef: float = Field(0.0, ge=0.0, description="entropy bonus: the loss minus this × the policy's token entropy")
+    overlong: Literal["none", "mask", "penalty"] = Field(
+        "none", description="completions cut at sampling.max_new_tokens: trained as they are, left out of the loss, "
+        "or given DAPO's soft length penalty over the last overlong_buffer tokens"
+    )
+    overlong_buffer: int = Field(0, ge=0, description="penalty: tokens before the limit where the penalty ramps to -overlong_penalty")
+    overlong_penalty: float = Field(1.0, gt=0.0)
+    dynamic_sampling: bool = Field(False, description="DAPO: drop questions whose G rewards are equal, roll out more")
+    max_extra_rollouts: int = Field(3, ge=1, description="dynamic_sampling: at most this many extra rollouts a step")
     off_policy: bool = Field(False, description="one-step-off-policy: roll out step t+1 while learning step t")
-    is_clip: float = Field(2.0, gt=0.0, description="truncation of importance weights when off_policy")
+    rollout_correction: Literal["auto", "none", "tis", "token_mask", "seq_mask"] = Field(
+        "auto", description="for the learner-vs-sampler mismatch, from vLLM's log-probs: tis (truncated importance "
+        "weights, cap is_clip), token_mask / seq_mask (drop tokens / sequences whose ratio leaves "
+        "[correction_low, correction_high]); auto: tis when off_policy, else none (the reference run)"
+    )
+    is_clip: float = Field(2.0, gt=0.0, description="cap C of the truncated importance weights (tis)")
+    correction_low: float = Field(0.5, gt=0.0)
+    correction_high: float = Field(2.0, gt=0.0)
     warn_no_signal_steps: int = Field(
         5, ge=0, description="warn when every group's rewards were identical this many steps in a row; 0: never"
     )
+
+    @property
+    def correction(self) -> str:
+        """The rollout correction in force (``auto`` resolved)."""
+        if self.rollout_correction == "auto":  # as learner.worker._correction
+            return "tis" if self.off_policy and self.clip_eps is None else "none"
+        return self.rollout_correction
+
+    @property
+    def clip(self) -> tuple[float, float] | None:
+        if self.clip_eps is None:
+            return None
+        return (self.clip_eps, self.clip_eps_high if self.clip_eps_high is not None else self.clip_eps)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GRPOConfig:
+        # a key set away from its default where it does nothing (a dumped config, all defaults, loads)
+        given = {k for k, f in type(self).model_fields.items() if getattr(self, k) != f.default}
+        clipped = self.policy_loss in ("ppo_clip", "gspo")
+        if clipped and self.clip_eps is None:
+            raise ValueError(f"grpo.policy_loss {self.policy_loss} needs grpo.clip_eps (e.g. 0.2; gspo: 3e-4)")
+        if not clipped and (self.clip_eps is not None or self.clip_eps_high is not None):
+            raise ValueError("grpo.clip_eps / grpo.clip_eps_high do nothing with grpo.policy_loss reference (no ratio "
+                             "is clipped): set grpo.policy_loss: ppo_clip or gspo, or drop the clip")
+        one_pass = self.epochs_per_batch == 1 and self.mini_batches == 1
+        if clipped and one_pass and not self.off_policy:
+            raise ValueError(f"grpo.policy_loss {self.policy_loss} clips the ratio to the old policy, which is 1 with one "
+                             "on-policy pass: set grpo.epochs_per_batch or grpo.mini_batches above 1, or grpo.off_policy")
+        if self.mini_batches > self.questions_per_step:
+            raise ValueError(f"grpo.mini_batches ({self.mini_batches}) splits the batch by question: at most "
+                             f"grpo.questions_per_step ({self.questions_per_step})")
+        if self.correction_low >= self.correction_high:
+            raise ValueError(f"grpo.correction_low ({self.correction_low}) must be below grpo.correction_high ({self.correction_high})")
+        if "is_clip" in given and self.correction != "tis":
+            raise ValueError(f"grpo.is_clip caps tis weights, but grpo.rollout_correction is {self.correction}")
+        if given & {"correction_low", "correction_high"} and self.correction not in ("token_mask", "seq_mask"):
+            raise ValueError(f"grpo.correction_low/high bound the masks, but grpo.rollout_correction is {self.correction}")
+        if given & {"overlong_buffer", "overlong_penalty"} and self.overlong != "penalty":
+            raise ValueError(f"grpo.overlong_buffer/penalty shape the penalty, but grpo.overlong is {self.overlong}")
+        if self.overlong == "penalty" and self.overlong_buffer == 0:
+            raise ValueError("grpo.overlong penalty needs grpo.overlong_buffer > 0 (tokens before the limit)")
+        if "max_extra_rollouts" in given and not self.dynamic_sampling:
+            raise ValueError("grpo.max_extra_rollouts limits grpo.dynamic_sampling, which is off")
+        if "kl_estimator" in given and self.beta == 0:
+            raise ValueError("grpo.kl_estimator does nothing with grpo.beta 0 (no KL term)")
+        return self
 
 
 class SamplingConfig(Section):
@@ -114,7 +191,20 @@ class LearnerConfig(Section):
 
 class RewardConfig(Section):
     weights: dict[str, float] = Field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
-    lenient: bool = False  # accuracy: also accept "C. text" / "C)" answers
+    accuracy_match: Literal["exact", "letters"] = Field(
+        "letters",
+        description="accuracy: exact (the reference run's: the stripped first <answer> equals the gold string, "
+        "so 'C C', 'CC', 'C;' are wrong) or letters (the answer's letters as a set equal the gold's: 'A,C' = "
+        "'CA'; for multi-answer data). The default keeps the demo's recipe as measured; "
+        "configs/echoink_r1_7b.yaml sets exact",
+    )
+    lenient: bool = False  # accuracy (letters): also accept "C. text" / "C)" answers
+
+    @model_validator(mode="after")
+    def _lenient_reads_letters(self) -> RewardConfig:
+        if self.lenient and self.accuracy_match == "exact":
+            raise ValueError("rewards.lenient reads option letters; it does nothing with rewards.accuracy_match exact")
+        return self
 
     @field_validator("weights")
     @classmethod
@@ -148,9 +238,24 @@ class EvalConfig(Section):
         description="also evaluate the starting weights on the whole split before step 1 (not on --resume); "
         "the end of the run then prints the paired before/after comparison",
     )
+    protocol: Literal["fair", "paper-base", "paper-trained"] = Field(
+        "fair",
+        description="fair: the training prompt, eval.mode decoding, sampling.max_new_tokens, the reward's answer "
+        "parsing (one protocol for before and after); paper-base / paper-trained: the EchoInk-R1 paper's two "
+        "protocols exactly (orchestrator/protocols.py), each with its prompt, decoding, 1024 tokens and lenient parser",
+    )
     mode: Literal["greedy", "sampled"] = "greedy"
     samples: int = Field(1, ge=1)
     ablate: list[Literal["none", "audio", "image", "both"]] = Field(default_factory=lambda: ["none"])
+
+    @model_validator(mode="after")
+    def _protocol_decoding(self) -> EvalConfig:
+        if self.protocol != "fair" and (self.mode != "greedy" or self.samples != 1):
+            raise ValueError(
+                f"eval.mode / eval.samples choose the fair protocol's decoding; eval.protocol {self.protocol} "
+                "fixes its own (orchestrator/protocols.py): leave them at greedy / 1"
+            )
+        return self
 
 
 class CheckpointConfig(Section):
@@ -212,6 +317,10 @@ class RunConfig(Section):
     def _colocation(self) -> RunConfig:
         if self.placement.mode == "colocated":
             check_colocation(self)
+        g = self.grpo
+        if g.overlong == "penalty" and g.overlong_buffer >= self.sampling.max_new_tokens:
+            raise ValueError(f"grpo.overlong_buffer ({g.overlong_buffer}) must be below sampling.max_new_tokens "
+                             f"({self.sampling.max_new_tokens})")
         return self
 
     def steps_for(self, num_train_records: int) -> int:
@@ -225,10 +334,10 @@ class RunConfig(Section):
 def check_colocation(config: RunConfig) -> None:
     """What a colocated layout needs (also checked when ``placement.mode: auto`` chooses it)."""
     r, lc = config.rollout, config.learner
-    if r.num_engines != lc.num_ranks:
+    if r.num_engines > lc.num_ranks:
         raise ValueError(
             f"placement.mode colocated pairs engine i with learner rank i: rollout.num_engines ({r.num_engines}) "
-            f"must equal learner.num_ranks ({lc.num_ranks})"
+            f"must not exceed learner.num_ranks ({lc.num_ranks})"
         )
     if r.tensor_parallel_size != 1:
         raise ValueError("placement.mode colocated supports rollout.tensor_parallel_size 1 only (one GPU per pair)")
@@ -278,26 +387,46 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = _parse_scalar(raw)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Defaults ← YAML file ← ``key=value`` overrides; paths in the YAML stay relative to the CWD."""
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
+    return loaded or {}
+
+
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """``over``'s keys replace ``base``'s; sections merge key by key."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    recipe: str | Path | None = None,
+) -> RunConfig:
+    """Defaults ← YAML file ← recipe (configs/recipes/: an algorithm's keys) ← ``key=value``
+    overrides; paths stay relative to the CWD until `with_absolute_paths`."""
     tree: dict[str, Any] = {}
-    source = "defaults"
+    sources = []
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-        tree = loaded or {}
-        source = str(path)
+        tree = _read_yaml(Path(path))
+        sources.append(str(path))
+    if recipe is not None:
+        tree = _merge(tree, _read_yaml(Path(recipe)))
+        sources.append(f"recipe {recipe}")
     for assignment in overrides:
         apply_override(tree, assignment)
     if overrides:
-        source += " + --set " + " ".join(overrides)
+        sources.append("--set " + " ".join(overrides))
+    source = " + ".join(sources) or "defaults"
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:
@@ -424,3 +553,22 @@ def with_absolute_paths(
             stacklevel=2,
         )
     return result
+
+
+def config_warnings(config: RunConfig) -> list[str]:
+    """Settings that run but waste the hardware, one sentence each naming the keys to change.
+
+    Warnings, not errors: the run is correct, only slower than it needs to be. The trainer prints
+    them when it starts.
+    """
+    out: list[str] = []
+    lc = config.learner
+    if lc.zero_stage == 3 and lc.num_ranks == 1:
+        # one rank holds every partition, so nothing is saved, yet every module's forward and
+        # backward still passes ZeRO-3's fetch/release hooks (RESULTS.md 3, 3b: slower than ZeRO-2)
+        out.append(
+            "learner.zero_stage is 3 with learner.num_ranks 1: ZeRO-3 partitions nothing on one rank and still "
+            "costs a gather/release hook per module in every forward and backward; set learner.zero_stage: 2 "
+            "(or learner.num_ranks above 1)"
+        )
+    return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +13,7 @@ from avqa import LoadReport, Record, load_records
 from omni.names import require_safetensors
 from orchestrator.config import RunConfig, with_absolute_paths
 from orchestrator.evalstats import mcnemar
-from orchestrator.evaluate import CONDITIONS, EvalResult, evaluate_records
+from orchestrator.evaluate import CONDITIONS, EvalResult, EvalSettings, evaluate_records
 from orchestrator.placement import decide_gpus, plan_run
 from orchestrator.runtime import connect
 from orchestrator.settings import engine_settings, eval_settings
@@ -31,7 +31,39 @@ def run_eval(
     ablate: list[str] | None = None,
     limit: int | None = None,
     out_dir: Path | None = None,
+    protocol: str | None = None,
+    token_limit: int | None = None,
 ) -> EvalResult:
+    """Score ``checkpoint`` on a split under a protocol (default ``eval.protocol``); ``token_limit``
+    replaces a paper protocol's own limit (rehearsals: summary.json records the limit used)."""
+    [result] = run_evals(
+        config,
+        checkpoint,
+        [(protocol, out_dir)],
+        split=split,
+        mode=mode,
+        samples=samples,
+        ablate=ablate,
+        limit=limit,
+        token_limit=token_limit,
+    )
+    return result
+
+
+def run_evals(
+    config: RunConfig,
+    checkpoint: Path,
+    runs: Sequence[tuple[str | None, Path | None]],
+    *,
+    split: str = "valid",
+    mode: str | None = None,
+    samples: int | None = None,
+    ablate: list[str] | None = None,
+    limit: int | None = None,
+    token_limit: int | None = None,
+) -> list[EvalResult]:
+    """Several evaluations of one checkpoint on the same engines, one per (protocol, out_dir) of
+    ``runs`` (None: ``eval.protocol``; the default folder ``CHECKPOINT/eval-SPLIT-NAME``)."""
     config, checkpoint = with_absolute_paths(config, must_exist=()), Path(checkpoint).absolute()
     require_safetensors(checkpoint)
     path = {"valid": config.data.valid, "train": config.data.train}.get(split)
@@ -51,8 +83,19 @@ def run_eval(
         overrides["samples"] = samples
     if ablate:
         overrides["ablate"] = tuple(ablate)
-    settings = eval_settings(config, **overrides)
-    out = out_dir or checkpoint / f"eval-{split}-{settings.mode}"
+    if token_limit is not None:
+        overrides["token_limit"] = token_limit
+    planned: list[tuple[EvalSettings, Path]] = []
+    for protocol, out_dir in runs:
+        settings = eval_settings(config, **overrides, **({"protocol": protocol} if protocol is not None else {}))
+        limit_tokens = settings.decoding().max_new_tokens
+        if config.rollout.max_model_len <= limit_tokens:
+            raise ValueError(
+                f"rollout.max_model_len ({config.rollout.max_model_len}) leaves no room for a prompt beside the "
+                f"{limit_tokens} new tokens of eval protocol {settings.protocol}: raise rollout.max_model_len"
+            )
+        name = settings.mode if settings.protocol == "fair" else settings.protocol
+        planned.append((settings, out_dir or checkpoint / f"eval-{split}-{name}"))
     c = config
     connect(c.ray.address, c.ray.num_cpus, c.rollout.num_engines * c.rollout.cpus_per_engine)
     placement = plan_run(c, decide_gpus(c.ray.use_gpus), learner=False)
@@ -61,23 +104,24 @@ def run_eval(
         engine_cls.options(**opts).remote(engine_settings(c, checkpoint), i)
         for i, opts in enumerate(placement.engine_options)
     ]
+    results = []
     try:
-        result = evaluate_records(
-            EnginePool(engines),
-            records,
-            settings,
-            out_dir=out,
-            checkpoint=str(checkpoint),
-            config=c.model_dump(mode="json"),
-        )
+        pool = EnginePool(engines)
+        for settings, out in planned:
+            results.append(
+                evaluate_records(
+                    pool, records, settings, out_dir=out, checkpoint=str(checkpoint), config=c.model_dump(mode="json")
+                )
+            )
     finally:
         for engine in engines:
             ray.kill(engine)
         placement.remove()
     if report is not None and report.skipped:
-        result.summary["skipped_records"] = [e.to_dict() for e in report.errors]
-        (out / "summary.json").write_text(json.dumps(result.summary, indent=2, default=str) + "\n")
-    return result
+        for result in results:
+            result.summary["skipped_records"] = [e.to_dict() for e in report.errors]
+            (result.out_dir / "summary.json").write_text(json.dumps(result.summary, indent=2, default=str) + "\n")
+    return results
 
 
 def read_results(folder: Path, condition: str = "none") -> dict[str, dict[str, Any]]:
@@ -97,8 +141,34 @@ def read_results(folder: Path, condition: str = "none") -> dict[str, dict[str, A
     return rows
 
 
-def compare(a: Path, b: Path, condition: str = "none") -> dict[str, Any]:
-    """Per-question wins and losses of B against A and McNemar's paired test."""
+def protocol_of(folder: Path) -> str:
+    """The evaluation protocol a results folder was scored with (folders from before protocols
+    existed were scored with the one protocol there was then: fair)."""
+    path = folder / "summary.json"
+    if not path.is_file():
+        return "fair"
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not JSON ({exc.msg})") from None
+    protocol = summary.get("protocol", "fair")
+    name = protocol.get("name") if isinstance(protocol, dict) else protocol
+    if not isinstance(name, str):
+        raise ValueError(f"{path}: field 'protocol' holds no protocol name: {protocol!r}")
+    return name
+
+
+def compare(a: Path, b: Path, condition: str = "none", *, allow_mixed_protocols: bool = False) -> dict[str, Any]:
+    """Per-question wins and losses of B against A and McNemar's paired test. Results of different
+    evaluation protocols are refused unless ``allow_mixed_protocols``: a difference between them
+    would be the protocols' as much as the models'."""
+    protocol_a, protocol_b = protocol_of(a), protocol_of(b)
+    if protocol_a != protocol_b and not allow_mixed_protocols:
+        raise ValueError(
+            f"{a} was evaluated with protocol {protocol_a} and {b} with {protocol_b}: their difference would mix "
+            "the models' with the protocols'. Evaluate both with one protocol (echoink eval --protocol …), or "
+            "pass --allow-mixed-protocols to compare them anyway"
+        )
     rows_a, rows_b = read_results(a, condition), read_results(b, condition)
     shared = sorted(set(rows_a) & set(rows_b))
     if not shared:
@@ -113,6 +183,8 @@ def compare(a: Path, b: Path, condition: str = "none") -> dict[str, Any]:
     return {
         "a": str(a),
         "b": str(b),
+        "protocol_a": protocol_a,
+        "protocol_b": protocol_b,
         "questions": len(shared),
         "only_in_a": len(set(rows_a) - set(rows_b)),
         "only_in_b": len(set(rows_b) - set(rows_a)),
@@ -132,8 +204,8 @@ def compare_table(result: dict[str, Any]) -> str:
     m = result["mcnemar"]
     return "\n".join(
         [
-            f"A: {result['a']}",
-            f"B: {result['b']}",
+            f"A: {result['a']} (protocol {result.get('protocol_a', 'fair')})",
+            f"B: {result['b']} (protocol {result.get('protocol_b', 'fair')})",
             f"questions compared: {result['questions']}"
             + (f" (ignored: {result['only_in_a']} only in A, {result['only_in_b']} only in B)"
                if result["only_in_a"] or result["only_in_b"] else ""),

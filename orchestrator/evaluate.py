@@ -1,5 +1,6 @@
-"""Evaluation that can be trusted: the training prompt, the same answer parsing as the reward, the
-same engines, for any checkpoint; greedy or sampled, with modality ablations.
+"""Evaluation that can be trusted: the same engines for any checkpoint, under a named protocol
+(`orchestrator.protocols`: ``fair`` — the training prompt and the reward's answer parsing, greedy
+or sampled — or the paper's ``paper-base`` / ``paper-trained``), with modality ablations.
 
 Outputs: ``results.jsonl`` (one row per question and condition), ``summary.json``, a console table.
 """
@@ -19,7 +20,8 @@ from PIL import Image
 from avqa import Record, load_audio, load_image
 from omni.inputs import MediaSettings
 from orchestrator.evalstats import is_reflective, mean_interval, prediction, wilson_interval
-from rewards import accuracy_reward, format_reward
+from orchestrator.protocols import Protocol, get_protocol, with_token_limit
+from rewards import AccuracyMatch, accuracy_reward, format_reward
 from rollout.pool import EnginePool
 from rollout.types import SamplingSettings
 
@@ -31,16 +33,47 @@ GREY = (128, 128, 128)
 class EvalSettings:
     """How to evaluate; built from the run config by `orchestrator.settings.eval_settings`."""
 
-    mode: str = "greedy"  # greedy | sampled
+    mode: str = "greedy"  # greedy | sampled (the fair protocol; the paper's fix their own)
     samples: int = 1  # completions per question in sampled mode
     ablate: tuple[str, ...] = ("none",)
     sampling: SamplingSettings = SamplingSettings(seed=0)  # sampled mode; greedy keeps its limit and seed
     media: MediaSettings = MediaSettings()
+    protocol: str = "fair"  # orchestrator.protocols.PROTOCOLS
+    accuracy_match: AccuracyMatch = "letters"  # the fair protocol's parser: the run's accuracy reward's
+    token_limit: int | None = None  # replaces a paper protocol's own limit (rehearsals); summary.json says so
+
+    def __post_init__(self) -> None:
+        protocol = get_protocol(self.protocol)
+        if protocol.decoding is not None and (self.mode != "greedy" or self.samples != 1):
+            raise ValueError(
+                f"eval protocol {self.protocol} fixes its decoding ({'greedy' if protocol.decoding.greedy else 'one sample'}): "
+                f"mode {self.mode!r} / samples {self.samples} apply to the fair protocol only"
+            )
+
+    @property
+    def spec(self) -> Protocol:
+        """The protocol in force (with ``token_limit`` where a rehearsal replaced its own)."""
+        protocol = get_protocol(self.protocol)
+        return protocol if self.token_limit is None else with_token_limit(protocol, self.token_limit)
 
     def only_plain(self) -> EvalSettings:
         return replace(self, ablate=("none",))
 
+    def mode_in_force(self) -> str:
+        """greedy | sampled: the fair protocol's eval.mode, or a paper protocol's own."""
+        decoding = self.spec.decoding
+        if decoding is None:
+            return self.mode
+        return "greedy" if decoding.greedy else "sampled"
+
+    def completions(self) -> int:
+        """Completions per question."""
+        return self.samples if self.mode == "sampled" and self.spec.decoding is None else 1
+
     def decoding(self) -> SamplingSettings:
+        spec = self.spec
+        if spec.decoding is not None:
+            return spec.decoding.sampling(self.sampling.seed)
         if self.mode == "greedy":
             return replace(self.sampling, temperature=0.0, top_p=1.0, top_k=-1)
         return self.sampling
@@ -107,11 +140,13 @@ class EvalResult:
         return "\n".join(lines)
 
 
-def _score(text: str, gold: str) -> dict[str, Any]:
+def _score(text: str, gold: str, protocol: Protocol, match: AccuracyMatch) -> dict[str, Any]:
+    predicted, correct = protocol.score(text, gold, match)
     return {
-        "prediction": prediction(text),
+        "prediction": predicted,
         "prediction_lenient": prediction(text, lenient=True),
-        "correct": accuracy_reward(text, gold),
+        "correct": correct,  # the protocol's parser
+        "correct_reward": accuracy_reward(text, gold, match=match),  # the run's accuracy reward
         "correct_lenient": accuracy_reward(text, gold, lenient=True),
         "format_ok": format_reward(text),
         "reflective": is_reflective(text),
@@ -131,28 +166,41 @@ def evaluate_records(
     rows: list[dict[str, Any]] = []
     per_condition: dict[str, dict[str, Any]] = {}
     baseline: dict[str, str] = {}
-    n = settings.samples if settings.mode == "sampled" else 1
+    protocol = settings.spec
+    n = settings.completions()
     sampling = settings.decoding()
+    asked = protocol.prepare(records)  # the protocol's prompt on each record (fair: as they are)
     for condition in settings.ablate:
         overrides = [ablated_media(r, condition, settings) for r in records] if condition != "none" else None
-        results = pool.generate(records, n, sampling, salt=0, media_overrides=overrides)
+        results = pool.generate(asked, n, sampling, salt=0, media_overrides=overrides)
         cond_rows = []
         for record, result in zip(records, results, strict=True):
             row: dict[str, Any] = {"id": record.id, "condition": condition, "gold": record.answer}
             if not result.ok:
-                row.update(error=result.error, correct=0.0, correct_lenient=0.0, format_ok=0.0, prediction="")
+                row.update(error=result.error, correct=0.0, correct_reward=0.0, correct_lenient=0.0, format_ok=0.0, prediction="")
                 cond_rows.append(row)
                 continue
-            samples = [{**_score(c.text, record.answer), "completion": c.text, "tokens": len(c.token_ids)} for c in result.completions]
+            samples = [
+                {
+                    **_score(c.text, record.answer, protocol, settings.accuracy_match),
+                    "completion": c.text,
+                    "tokens": len(c.token_ids),
+                    "finish_reason": c.finish_reason,
+                }
+                for c in result.completions
+            ]
             first = samples[0]
             row.update(
                 prediction=first["prediction"],
                 prediction_lenient=first["prediction_lenient"],
                 correct=float(np.mean([s["correct"] for s in samples])),
+                correct_reward=float(np.mean([s["correct_reward"] for s in samples])),
                 correct_lenient=float(np.mean([s["correct_lenient"] for s in samples])),
                 format_ok=float(np.mean([s["format_ok"] for s in samples])),
                 completion=first["completion"],
                 tokens=float(np.mean([s["tokens"] for s in samples])),
+                cut=float(np.mean([s["finish_reason"] == "length" for s in samples])),
+                prompt_tokens=len(result.prompt_token_ids),
                 reflective=float(np.mean([s["reflective"] for s in samples])),
             )
             if n > 1:
@@ -164,7 +212,8 @@ def evaluate_records(
         rows.extend(cond_rows)
     summary = {
         "checkpoint": checkpoint,
-        "mode": settings.mode,
+        "protocol": protocol.record_of(sampling, n, settings.accuracy_match),
+        "mode": settings.mode_in_force(),
         "samples": n,
         "conditions": per_condition,
         "seconds": time.perf_counter() - started,
@@ -172,7 +221,9 @@ def evaluate_records(
         "config": config or {},
     }
     if "none" in per_condition:
-        summary.update({k: per_condition["none"][k] for k in ("accuracy", "accuracy_lenient", "format_rate", "mean_completion_length", "questions", "errors", "ci95")})
+        keys = ("accuracy", "accuracy_reward", "accuracy_lenient", "format_rate", "mean_completion_length", "cut_rate",
+                "questions", "errors", "ci95")
+        summary.update({k: per_condition["none"][k] for k in keys})
     result = EvalResult(rows=rows, summary=summary, out_dir=out_dir, per_condition=per_condition)
     if out_dir is not None:
         write_eval(result, out_dir)
@@ -183,8 +234,8 @@ def summarise(rows: Sequence[dict[str, Any]], settings: EvalSettings, baseline: 
     ok = [r for r in rows if "error" not in r]
     correct = [r["correct"] for r in rows]  # a failed question counts as wrong
     accuracy = float(np.mean(correct)) if rows else 0.0
-    if settings.mode == "sampled":
-        ci = mean_interval(correct)
+    if settings.mode_in_force() == "sampled" and settings.spec.decoding is None:
+        ci = mean_interval(correct)  # the fair protocol sampled: a mean over questions of sample means
     else:
         ci = wilson_interval(sum(correct), len(correct))
     reflective = [r for r in ok if r.get("reflective", 0) >= 0.5]
@@ -193,10 +244,12 @@ def summarise(rows: Sequence[dict[str, Any]], settings: EvalSettings, baseline: 
         "questions": len(rows),
         "errors": len(rows) - len(ok),
         "accuracy": accuracy,
+        "accuracy_reward": float(np.mean([r["correct_reward"] for r in rows])) if rows else 0.0,
         "accuracy_lenient": float(np.mean([r["correct_lenient"] for r in rows])) if rows else 0.0,
         "ci95": [ci[0], ci[1]],
         "format_rate": float(np.mean([r["format_ok"] for r in ok])) if ok else 0.0,
         "mean_completion_length": float(np.mean([r["tokens"] for r in ok])) if ok else 0.0,
+        "cut_rate": float(np.mean([r["cut"] for r in ok])) if ok else 0.0,  # stopped at the token limit
         "reflection": {
             "rate": len(reflective) / len(ok) if ok else 0.0,
             "accuracy_reflective": float(np.mean([r["correct"] for r in reflective])) if reflective else 0.0,

@@ -18,6 +18,7 @@ from learner.types import LearnerSettings
 from omni.inputs import MediaSettings
 from orchestrator.config import RunConfig
 from orchestrator.evaluate import EvalSettings
+from orchestrator.scoring import ScoringRules
 from rollout.types import EngineSettings, SamplingSettings
 
 
@@ -83,7 +84,7 @@ def learner_settings(
         lr_schedule=lc.lr_schedule,
         warmup_steps=lc.warmup_steps,
         min_lr_ratio=lc.min_lr_ratio,
-        total_steps=total_steps,
+        total_steps=total_steps * g.epochs_per_batch * g.mini_batches,  # optimizer steps: the schedule's length
         grad_clip=lc.grad_clip,
         freeze_audio_tower=lc.freeze_audio_tower,
         freeze_vision_tower=lc.freeze_vision_tower,
@@ -92,10 +93,17 @@ def learner_settings(
         attn_implementation=lc.attn_implementation,
         beta=g.beta,
         kl_estimator=g.kl_estimator,
-        clip_eps=g.clip_eps,
+        policy_loss=g.policy_loss,
+        clip_eps=g.clip,
+        epochs_per_batch=g.epochs_per_batch,
+        mini_batches=g.mini_batches,
         loss_agg=g.loss_agg,
+        entropy_coef=g.entropy_coef,
         off_policy=g.off_policy,
+        rollout_correction=g.rollout_correction,
         is_clip=g.is_clip,
+        correction_low=g.correction_low,
+        correction_high=g.correction_high,
         temperature=config.sampling.temperature,
         max_new_tokens=config.sampling.max_new_tokens,
         logprob_chunk=lc.logprob_chunk,
@@ -109,19 +117,32 @@ def learner_settings(
 
 
 def eval_settings(config: RunConfig, **overrides: Any) -> EvalSettings:
-    """How to evaluate: ``eval.*`` for the protocol, ``sampling.*`` for sampled decoding, ``media.*``.
+    """How to evaluate: ``eval.*`` for the protocol, ``sampling.*`` for sampled decoding, ``media.*``,
+    ``rewards.accuracy_match`` for the fair protocol's answer parsing (the reward's own).
 
     ``overrides`` (from `echoink eval`'s flags) replace fields; greedy decoding takes one sample.
     """
     e = config.eval
-    settings = EvalSettings(
-        mode=e.mode,
-        samples=e.samples,
+    base = EvalSettings(  # the run's fields; mode, samples, protocol and the flags in one replace, checked once
         ablate=tuple(e.ablate),
         sampling=sampling_settings(config),
         media=media_settings(config),
+        accuracy_match=config.rewards.accuracy_match,
     )
-    settings = replace(settings, **overrides)
-    if settings.mode == "greedy":
-        settings = replace(settings, samples=1)
-    return settings
+    values: dict[str, Any] = {"mode": e.mode, "samples": e.samples, "protocol": e.protocol, **overrides}
+    if values["mode"] == "greedy":
+        values["samples"] = 1
+    return replace(base, **values)
+
+
+def scoring_rules(config: RunConfig) -> ScoringRules:
+    g = config.grpo
+    return ScoringRules(
+        adv_eps=g.adv_eps,
+        advantage=g.advantage,
+        skip_failed=config.data.skip_bad_records,
+        overlong=g.overlong,
+        max_new_tokens=config.sampling.max_new_tokens,
+        overlong_buffer=g.overlong_buffer,
+        overlong_penalty=g.overlong_penalty,
+    )

@@ -75,7 +75,8 @@ class Trainer:
             load_split(config.data.valid, "valid", config.data, self.bad_records, self._say) if config.data.valid else []
         )
         self.total_steps = config.steps_for(len(self.train_records))
-        self.rewards = RewardSet(weights=dict(config.rewards.weights), options={"lenient": config.rewards.lenient})
+        self.rewards = RewardSet(weights=dict(config.rewards.weights),
+                                 options={"lenient": config.rewards.lenient, "accuracy_match": config.rewards.accuracy_match})
         self.sampler = QuestionSampler(len(self.train_records), config.seed, shuffle=config.data.shuffle)
         self.step = 0
         self.placement: Placement | None = None

@@ -6,7 +6,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 from avqa.record import Record
-from rewards.functions import accuracy_reward, format_reward, tag_reward
+from rewards.functions import ACCURACY_MATCHES, accuracy_reward, format_reward, tag_reward
 
 # A reward takes (completion text, record, options) and returns a float.
 RewardFn = Callable[[str, Record, Mapping[str, object]], float]
@@ -26,9 +26,15 @@ def register_reward(name: str) -> Callable[[RewardFn], RewardFn]:
     return wrap
 
 
+# The accuracy reward's answer matching when a RewardSet's options do not name one: the run
+# config's default (`rewards.accuracy_match`, orchestrator/config.py; a test keeps them equal).
+DEFAULT_ACCURACY_MATCH = "letters"
+
+
 @register_reward("accuracy")
 def _accuracy(text: str, record: Record, options: Mapping[str, object]) -> float:
-    return accuracy_reward(text, record.answer, lenient=bool(options.get("lenient", False)))
+    match = str(options.get("accuracy_match", DEFAULT_ACCURACY_MATCH))
+    return accuracy_reward(text, record.answer, match=match, lenient=bool(options.get("lenient", False)))  # type: ignore[arg-type]
 
 
 @register_reward("format")
@@ -50,7 +56,8 @@ class RewardResult:
 
 @dataclass
 class RewardSet:
-    """The weighted rewards a run uses; ``options`` reach every function (e.g. ``lenient``)."""
+    """The weighted rewards a run uses; ``options`` reach every function: ``accuracy_match``
+    ("exact" | "letters", default :data:`DEFAULT_ACCURACY_MATCH`) and ``lenient`` (letters only)."""
 
     weights: dict[str, float] = field(default_factory=lambda: {"accuracy": 1.0, "format": 1.0})
     options: dict[str, object] = field(default_factory=dict)
@@ -59,6 +66,11 @@ class RewardSet:
         unknown = sorted(set(self.weights) - set(REWARDS))
         if unknown:
             raise ValueError(f"unknown reward(s) {unknown}; registered: {sorted(REWARDS)}")
+        match = self.options.get("accuracy_match", DEFAULT_ACCURACY_MATCH)
+        if match not in ACCURACY_MATCHES:
+            raise ValueError(f"rewards option accuracy_match {match!r}: choose from {', '.join(ACCURACY_MATCHES)}")
+        if match == "exact" and self.options.get("lenient"):
+            raise ValueError("rewards option lenient reads option letters; it does nothing with accuracy_match exact")
 
     def score(self, text: str, record: Record) -> RewardResult:
         components: dict[str, float] = {}

@@ -85,3 +85,27 @@ def test_curate_keeps_avqa_rows_and_reports_skips(tmp_path: Path, capsys) -> Non
         (12, True, False),
         (13, False, True),
     ]
+
+
+def test_counts_are_checked_against_the_released_split() -> None:
+    from avqa.curate import RELEASED_COUNTS, CurateReport
+
+    assert RELEASED_COUNTS == {"train": 4490, "valid": 1911}
+    assert CurateReport(kept=4490).count_check("train") == "train: kept 4490, as released"
+    skipped = [{"row": i, "id": i, "reason": "field 'answer': 'x' is not among the options"} for i in range(9)]
+    skipped.append({"row": 9, "id": 9, "reason": "field 'audio': cannot decode (bad)"})
+    report = CurateReport(kept=1901, other_source=7, skipped=skipped)
+    assert report.skip_reasons() == {"answer": 9, "audio": 1}
+    check = report.count_check("valid")
+    assert "kept 1901, the released split has 1911 (-10)" in check and "9 answer" in check and "1 audio" in check
+    assert report.to_dict("valid")["released"] == 1911
+
+
+def test_synthetic_source_curates_like_omniinstruct(tmp_path: Path) -> None:
+    from avqa.curate import curate, write_synthetic_source
+
+    source = write_synthetic_source(tmp_path / "src", train=3, valid=2, seed=1)
+    for split, kept in (("train", 3), ("valid", 2)):
+        json_path, report = curate(str(source), split, tmp_path / "out", progress=False)
+        assert (report.kept, report.other_source, report.skip_reasons()) == (kept, 1, {"answer": 1})
+        assert len(load_records(json_path)) == kept

@@ -25,6 +25,7 @@ from orchestrator.settings import (
     learner_settings,
     media_settings,
     sampling_settings,
+    scoring_rules,
 )
 from rollout.types import EngineSettings, SamplingSettings
 
@@ -39,12 +40,12 @@ DIRECT: dict[str, tuple[str, str]] = {
     "data.train": ("orchestrator/trainer.py", "config.data.train"),
     "data.valid": ("orchestrator/trainer.py", "config.data.valid"),
     "data.media_root": ("orchestrator/data.py", "media_root=data.media_root"),
-    "data.skip_bad_records": ("orchestrator/trainer.py", "c.data.skip_bad_records"),
     "data.shuffle": ("orchestrator/trainer.py", "config.data.shuffle"),
     "grpo.group_size": ("orchestrator/trainer.py", "grpo.group_size"),
     "grpo.questions_per_step": ("orchestrator/trainer.py", "grpo.questions_per_step"),
-    "grpo.adv_eps": ("orchestrator/trainer.py", "c.grpo.adv_eps"),
     "grpo.warn_no_signal_steps": ("orchestrator/trainer.py", "grpo.warn_no_signal_steps"),
+    "grpo.dynamic_sampling": ("orchestrator/trainer.py", "c.grpo.dynamic_sampling"),
+    "grpo.max_extra_rollouts": ("orchestrator/trainer.py", "c.grpo.max_extra_rollouts"),
     "rollout.num_engines": ("orchestrator/trainer.py", "c.rollout.num_engines"),
     "rollout.cpus_per_engine": ("orchestrator/trainer.py", "c.rollout.cpus_per_engine"),
     "rollout.resources": ("orchestrator/placement.py", "engine_resources=r.resources"),
@@ -74,11 +75,13 @@ DIRECT: dict[str, tuple[str, str]] = {
 
 # values that the type alone does not suggest
 ALTERNATIVES: dict[str, Any] = {
+    "grpo.policy_loss": {"grpo.policy_loss": "gspo", "grpo.clip_eps": 3e-4},  # a dict: keys changed together
     "total_steps": 7,
     "system_prompt": "Answer briefly.",
     "data.valid": "/elsewhere/valid.json",
     "data.media_root": "/elsewhere",
-    "grpo.clip_eps": 0.2,
+    "grpo.clip_eps": 0.1,
+    "grpo.clip_eps_high": 0.28,
     "rollout.kv_cache_mb": 64.0,
     "rollout.resources": {"rollout_node": 1.0},
     "learner.resources": {"learner_node": 1.0},
@@ -120,13 +123,35 @@ def other_value(key: str, field: Any, current: Any) -> Any:
     raise AssertionError(f"{key}: no alternative value for {annotation}; add one to ALTERNATIVES")
 
 
+# keys whose other values are valid only beside others (the grpo section refuses combinations
+# that do nothing): set in both the base and the changed config
+COMPANIONS: dict[str, dict[str, Any]] = {
+    "grpo.policy_loss": {"grpo.mini_batches": 2},
+    "grpo.clip_eps": {"grpo.policy_loss": "ppo_clip", "grpo.clip_eps": 0.2, "grpo.mini_batches": 2},
+    "grpo.clip_eps_high": {"grpo.policy_loss": "ppo_clip", "grpo.clip_eps": 0.2, "grpo.mini_batches": 2},
+    "grpo.overlong_buffer": {"grpo.overlong": "penalty", "grpo.overlong_buffer": 8},
+    "grpo.overlong_penalty": {"grpo.overlong": "penalty", "grpo.overlong_buffer": 8},
+    "grpo.is_clip": {"grpo.rollout_correction": "tis"},
+    "grpo.max_extra_rollouts": {"grpo.dynamic_sampling": True},
+    "grpo.correction_low": {"grpo.rollout_correction": "token_mask"},
+    "grpo.correction_high": {"grpo.rollout_correction": "token_mask"},
+    # a paper protocol fixes its own decoding: the fair protocol's eval.mode stays greedy beside it
+    "eval.protocol": {"eval.mode": "greedy"},
+}
+
+
 def with_value(key: str, value: Any, base: RunConfig | None = None) -> RunConfig:
+    return with_values({key: value}, base)
+
+
+def with_values(values: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
     tree = (base or RunConfig()).model_dump(mode="python")
-    node = tree
-    *sections, leaf = key.split(".")
-    for section in sections:
-        node = node[section]
-    node[leaf] = value
+    for key, value in values.items():
+        node = tree
+        *sections, leaf = key.split(".")
+        for section in sections:
+            node = node[section]
+        node[leaf] = value
     return RunConfig.model_validate(tree)
 
 
@@ -137,6 +162,7 @@ def built(config: RunConfig) -> tuple[Any, ...]:
         sampling_settings(config),
         eval_settings(config),
         media_settings(config),
+        scoring_rules(config),
     )
 
 
@@ -154,11 +180,13 @@ LEAVES = leaves(RunConfig)
 
 @pytest.mark.parametrize(("key", "field"), LEAVES, ids=[k for k, _ in LEAVES])
 def test_every_config_key_is_consumed(key: str, field: Any) -> None:
-    base = with_value("eval.mode", "sampled")  # greedy evaluation ignores eval.samples
+    # greedy evaluation ignores eval.samples
+    base = with_values({"eval.mode": "sampled", **COMPANIONS.get(key, {})})
     current: Any = base
     for part in key.split("."):
         current = getattr(current, part)
-    changed = with_value(key, other_value(key, field, current), base)
+    value = other_value(key, field, current)
+    changed = with_values(value if isinstance(value, dict) and key.startswith("grpo.") else {key: value}, base)
     if built(changed) != built(base):
         return  # reaches a settings object
     assert key in DIRECT, f"{key}: changing it changes no settings object and no module is listed as reading it"

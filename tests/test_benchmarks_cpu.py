@@ -1,0 +1,62 @@
+"""The benchmark scripts run end to end on the CPU (`--cpu`: a tiny layout, a step or two): they
+check the scripts — their real Ray, DeepSpeed, vLLM and transformers paths, the printed table with
+its ratio last, the JSON record — and no number (a CPU says nothing about GPU throughput)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run_benchmark(script: str, args: list[str], tmp_path: Path) -> tuple[list[str], Path]:
+    """Run benchmarks/``script`` in a fresh process; returns its stdout lines and its record folder."""
+    out = tmp_path / "out"
+    env = {
+        **os.environ,
+        "OUT": str(out),  # where common.report writes the JSON record
+        "ECHOINK_BENCH_DIR": str(tmp_path / "work"),  # its model and data folders
+        # a local Ray of its own: never join a cluster that another process started with `ray start`
+        "RAY_ADDRESS": "local",
+    }
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / script), *args],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, f"{script} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return [line for line in proc.stdout.splitlines() if line.strip()], out
+
+
+def test_bench_learner_prints_the_learner_over_bare_ratio(tmp_path: Path) -> None:
+    # one invocation covers every path: the bare yardstick (and its profiled step), both learner
+    # runs (shared prompts and one copy each) under ZeRO-3 from a config-only folder (random init)
+    lines, out = run_benchmark("bench_learner.py", ["--cpu", "--profile"], tmp_path)
+    assert lines[-1].startswith("learner (shared prompts) / bare fwd+bwd, step time")
+    float(lines[-1].split()[-1])  # the ratio is a number
+    table = "\n".join(lines)
+    for row in ("bare fwd+bwd: step (median)", "learner, shared prompts: step (median)",
+                "learner, one copy each: step (median)", "bare, profiled step (synced phases)",
+                "towers on their media positions only"):
+        assert row in table, row
+    assert re.search(r"^losses and gradients finite +yes$", table, re.M)
+    (record_file,) = out.glob("learner_tiny_*.json")
+    record = json.loads(record_file.read_text())
+    assert list(record["ratio"]) == ["learner (shared prompts) / bare fwd+bwd, step time"]
+    assert record["problems"] == []
+    for path in ("bare", "shared", "unshared"):
+        assert record[path]["flops"] > 0 and record[path]["seconds"] > 0
+    # the shared path computes each prompt once per micro-batch: fewer language-model tokens
+    assert record["shared"]["input_tokens"] < record["unshared"]["input_tokens"]
+
+
+def test_bench_colocated_runs(tmp_path: Path) -> None:
+    lines, out = run_benchmark("bench_colocated.py", ["--cpu", "--layout", "tiny", "--steps", "2"], tmp_path)
+    assert lines[-1].startswith("weight transfer / bare device copy")
+    assert "loss / grad norm (last step)" in "\n".join(lines)
+    record = json.loads((out / "colocated_tiny.json").read_text())
+    assert record["medians"]["timing/step_s"] > 0
