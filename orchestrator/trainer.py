@@ -20,7 +20,7 @@ from learner.group import LearnerDied, LearnerGroup
 from omni.names import require_safetensors
 from orchestrator import checkpoint as ckpt
 from orchestrator.colocation import GpuSharing
-from orchestrator.config import RunConfig, dump_config, with_absolute_paths
+from orchestrator.config import RunConfig, config_warnings, dump_config, with_absolute_paths
 from orchestrator.data import BadRecords, load_split
 from orchestrator.evalrun import evaluate_in_run, gain_summary
 from orchestrator.metrics import MetricsLogger
@@ -104,6 +104,8 @@ class Trainer:
         where = connect(c.ray.address, c.ray.num_cpus, needed)
         use_gpus = decide_gpus(c.ray.use_gpus)
         self._say(f"Ray: {where}; {'GPUs' if use_gpus else 'CPUs only'}; run folder {self.run_dir}")
+        for warning in config_warnings(c):
+            self._say(f"warning: {warning}")
         (self.run_dir / "config.yaml").write_text(dump_config(c), encoding="utf-8")
         self.placement = plan_run(c, use_gpus)
         self.sleeps = self.placement.engines_sleep

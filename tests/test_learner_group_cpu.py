@@ -19,7 +19,9 @@ from omni.metrics import LEARNER_METRICS
 
 # what a CPU step without sampler log-probs reports: every learner metric of the table but the
 # mismatch ones (nothing to compare with) and GPU memory
-CPU_ON_POLICY = {m.name for m in LEARNER_METRICS} - {
+ROLLOUT_CORRECTION = {m.name for m in LEARNER_METRICS if m.name.startswith("rollout_correction/")}
+# without sampler log-probs: no mismatch and no rollout correction; no GPU: no memory
+CPU_ON_POLICY = {m.name for m in LEARNER_METRICS} - ROLLOUT_CORRECTION - {
     "mismatch/token_prob_error", "mismatch/logprob_abs_error", "mismatch/missing_logprobs", "memory/learner_peak_gb"
 }
 
@@ -255,7 +257,7 @@ def test_missing_sampler_logprobs_are_counted_and_never_read_as_zero(ray_local, 
         with_holes = g.train_step(gappy)
     finally:
         g.kill()
-    assert set(complete) == set(with_holes) == CPU_ON_POLICY | {
+    assert set(complete) == set(with_holes) == CPU_ON_POLICY | ROLLOUT_CORRECTION | {
         "mismatch/token_prob_error", "mismatch/logprob_abs_error", "mismatch/missing_logprobs"
     }
     assert complete["mismatch/missing_logprobs"] == 0.0
