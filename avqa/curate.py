@@ -191,6 +191,23 @@ def _write_audio(value: Any, dest: Path) -> None:
     sf.write(dest, samples, rate, subtype="PCM_16")
 
 
+def omniinstruct_features() -> Any:
+    """The columns of OmniInstruct-v1 that curation reads, as a `datasets` schema (synthetic sources)."""
+    import datasets
+
+    return datasets.Features(
+        {
+            "id": datasets.Value("int64"),
+            "source": datasets.Value("string"),
+            "question": datasets.Value("string"),
+            "options": datasets.List(datasets.Value("string")),
+            "answer": datasets.Value("string"),
+            "audio": datasets.Audio(),
+            "image": datasets.Image(),
+        }
+    )
+
+
 def write_synthetic_source(folder: str | Path, *, train: int = 8, valid: int = 6, seed: int = 0) -> Path:
     """An OmniInstruct-v1-shaped source for rehearsals and tests: one parquet file per split with the
     columns curation reads (``id``, ``source``, ``question``, ``options``, ``answer``, ``audio`` and
@@ -204,17 +221,7 @@ def write_synthetic_source(folder: str | Path, *, train: int = 8, valid: int = 6
     spec = synth.DEMO_SPEC
     out = Path(folder)
     (out / "data").mkdir(parents=True, exist_ok=True)
-    features = datasets.Features(
-        {
-            "id": datasets.Value("int64"),
-            "source": datasets.Value("string"),
-            "question": datasets.Value("string"),
-            "options": datasets.List(datasets.Value("string")),
-            "answer": datasets.Value("string"),
-            "audio": datasets.Audio(),
-            "image": datasets.Image(),
-        }
-    )
+    features = omniinstruct_features()
     for split_index, (split, count) in enumerate((("train", train), ("valid", valid))):
         rng = np.random.default_rng([seed, split_index])
         rows: list[dict[str, Any]] = []

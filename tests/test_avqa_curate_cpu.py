@@ -13,6 +13,7 @@ import soundfile as sf
 from PIL import Image
 
 from avqa import load_audio, load_records
+from avqa.curate import omniinstruct_features
 from orchestrator.cli import main
 
 
@@ -49,17 +50,7 @@ def build_omniinstruct(folder: Path) -> None:
             "image": [{"bytes": r[6], "path": None} for r in rows],
         }
     )
-    features = datasets.Features(
-        {
-            "id": datasets.Value("int64"),
-            "source": datasets.Value("string"),
-            "question": datasets.Value("string"),
-            "options": datasets.List(datasets.Value("string")),
-            "answer": datasets.Value("string"),
-            "audio": datasets.Audio(),
-            "image": datasets.Image(),
-        }
-    )
+    features = omniinstruct_features()
     ds = datasets.Dataset(table.cast(features.arrow_schema), info=datasets.DatasetInfo(features=features))
     (folder / "data").mkdir(parents=True)
     ds.to_parquet(str(folder / "data" / "valid-00000-of-00001.parquet"))
