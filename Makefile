@@ -92,3 +92,8 @@ submit:
 	RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(RAY_JOB_ADDRESS) \
 		--runtime-env-json '{"working_dir": ".", "excludes": $(SUBMIT_EXCLUDES)}' \
 		-- echoink train --config $(CONFIG)
+# the Jobs page lists the job by its name (metadata job_name) and a submission id of that name + time
+JOB_NAME ?= $(basename $(notdir $(CONFIG)))
+
+		--submission-id "$(JOB_NAME)-$$(date +%Y%m%d-%H%M%S)" \
+		--metadata-json '{"job_name": "$(JOB_NAME)", "config": "$(CONFIG)"}' \

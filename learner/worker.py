@@ -638,6 +638,12 @@ def safe_torch_load(path: str, map_location: Any = None) -> Any:
     """torch.load with weights_only=True, admitting the three plain-data DeepSpeed types that its
     optimizer states hold; anything else in the file is refused, not executed."""
     from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    def __repr__(self) -> str:
+        """What Ray's dashboard shows for this actor (omni.actorrepr: taken once it has started)."""
+        from omni.actorrepr import actor_repr
+
+        return actor_repr(f"learner rank {self.rank}/{self.world_size}", f"step {self.steps_done}")
+
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 

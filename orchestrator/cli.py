@@ -218,6 +218,13 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one key, e.g. --set grpo.group_size=8 --set learner.lr=1e-5 (repeatable)",
     )
+def _report(args: argparse.Namespace) -> int:
+    from orchestrator.report import build_report
+
+    print(build_report(args.run_dir, args.out, sample_steps=args.sample_steps))
+    return 0
+
+
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -353,6 +360,19 @@ def build_parser() -> argparse.ArgumentParser:
         "warmstart",
         help="teach a tiny checkpoint the answer format (random option letter) before GRPO",
         description="Supervised fine-tuning on '<think>…</think><answer>X</answer>' targets whose reasoning names "
+    report = sub.add_parser(
+        "report",
+        help="one self-contained HTML page of a run folder: curves, evaluations, before/after, samples",
+        description="Writes RUN_DIR/report.html: the training curves, the evaluation tables with their 95 % "
+        "intervals and ablations, the paired before/after comparison, and the sampled completions "
+        "(log.samples_every) with their picture and a player for their sound, all inlined in the file.",
+    )
+    report.add_argument("run_dir", type=Path)
+    report.add_argument("--out", type=Path, help="the page to write (default RUN_DIR/report.html)")
+    report.add_argument("--sample-steps", type=int, default=6,
+                        help="how many sampled steps to show, spread over the run (default 6; 0: all)")
+    report.set_defaults(func=_report)
+
         "no option and whose letter is drawn uniformly: after it the format reward is high and the accuracy "
         "is at chance, so GRPO's gain is visible. DeepSpeed ranks on the CPU; for tiny checkpoints.",
     )

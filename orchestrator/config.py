@@ -279,6 +279,17 @@ class RayConfig(Section):
     use_gpus: Literal["auto", "yes", "no"] = "auto"
 
     @field_validator("use_gpus", mode="before")
+class LogConfig(Section):
+    samples_every: int = Field(
+        50,
+        ge=0,
+        description="at step 1 and every N steps, log.samples_per_step completions with their question, "
+        "picture, sound, rewards and advantage go to TensorBoard and RUN/samples.jsonl, their media to RUN/samples/ "
+        "(orchestrator/samples.py; echoink report shows them; 0: never)",
+    )
+    samples_per_step: int = Field(4, ge=1, description="completions logged at a sampled step (one per question first)")
+
+
     @classmethod
     def _yaml_booleans(cls, value: Any) -> Any:
         # YAML reads a bare yes/no as a boolean
@@ -329,6 +340,7 @@ class RunConfig(Section):
             return self.total_steps
         # a last partial batch counts as a step, as in the reference (4,490 questions / 8 = 562)
         return max(1, math.ceil(num_train_records * self.epochs / self.grpo.questions_per_step))
+    log: LogConfig = Field(default_factory=LogConfig)
 
 
 def check_colocation(config: RunConfig) -> None:

@@ -25,6 +25,12 @@ def _ray_name(key: str) -> str:
     return "echoink_" + re.sub(r"[^a-zA-Z0-9_]", "_", key)
 
 
+def prometheus_name(key: str) -> str:
+    """The name Ray's Prometheus endpoint serves metric ``key`` under (Ray prefixes ``ray_``):
+    ``reward/total`` → ``ray_echoink_reward_total``, labelled ``run`` with the run folder's name."""
+    return "ray_" + _ray_name(key)
+
+
 class MetricsLogger:
     def __init__(
         self,
@@ -73,7 +79,8 @@ class MetricsLogger:
                 continue
             gauge = self.gauges.get(key)
             if gauge is None:
-                gauge = self.gauges[key] = Gauge(_ray_name(key), description=f"EchoInk {key}")
+                gauge = self.gauges[key] = Gauge(_ray_name(key), description=f"EchoInk {key}", tag_keys=("run",))
+                gauge.set_default_tags({"run": self.run_dir.name})  # one series per run on a shared cluster
             gauge.set(float(value))
 
     def note(self, message: str) -> None:

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
+import secrets
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -30,6 +32,20 @@ class Placement:
     groups: list[PlacementGroup]
     mode: str = "split"  # or "colocated": engine i and learner rank i share bundle i
     why: str = ""  # why this mode (placement.mode: auto decides by the cluster's GPUs)
+    label: str = ""  # the run's part of its actors' names (run_label); "": unnamed actors
+    _engine_starts: dict[int, int] = field(default_factory=dict, repr=False)
+
+    def engine_start_options(self, index: int) -> dict[str, Any]:
+        """The options that start engine ``index``: its first start gets the planned name, each
+        restart ``…-restart-<n>``. A restarted engine cannot take the dead one's name: Ray frees
+        it only once its control store has processed the death, which may come after the trainer
+        saw the engine die, and a taken name fails the start (ActorAlreadyExistsError)."""
+        options = dict(self.engine_options[index])
+        starts = self._engine_starts.get(index, 0)
+        self._engine_starts[index] = starts + 1
+        if starts and "name" in options:
+            options["name"] = f"{options['name']}-restart-{starts}"
+        return options
 
     @property
     def engines_sleep(self) -> bool:
@@ -39,7 +55,9 @@ class Placement:
     def record(self, engines: Sequence[dict[str, Any]], ranks: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """placement.json: the mode, and where each engine and learner rank runs; colocated,
         which GPU (or CPU bundle) each pair shares."""
-        out: dict[str, Any] = {"mode": self.mode, "why": self.why, "engines": list(engines), "learner_ranks": list(ranks)}
+        named = [{**e, "actor": self.engine_options[e["index"]].get("name", "")} for e in engines]
+        named_ranks = [{**r, "actor": self.learner_options[r["rank"]].get("name", "")} for r in ranks]
+        out: dict[str, Any] = {"mode": self.mode, "why": self.why, "engines": named, "learner_ranks": named_ranks}
         if self.mode == "colocated":
             out["shared"] = [{"engine": e["index"], "learner_rank": r["rank"], "gpus": e["gpus"], "node_id": e["node_id"]}
                              for e, r in zip(engines, ranks, strict=False)]  # ranks past the engines: alone
@@ -67,6 +85,26 @@ def actor_env() -> dict[str, str]:
         if key in os.environ:
             env[key] = os.environ[key]
     return env
+
+
+def run_label(output_dir: str | os.PathLike[str]) -> str:
+    """The run's part of its actors' Ray names: the run folder's name, in characters that read
+    well on the dashboard, and a short random id, so that two runs of one folder name, or a run
+    restarted after a fault while its dead actors are still listed, never ask for a name that Ray
+    still holds (names are unique per Ray namespace, and one test session is one namespace)."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.basename(os.path.normpath(os.fspath(output_dir)))).strip("-.")
+    return f"{name[:32] or 'run'}-{secrets.token_hex(2)}"
+
+
+def actor_name(label: str, role: str, index: int) -> str:
+    """``echoink-<run>-<id>-engine-0``, ``echoink-<run>-<id>-learner-1``: what the Actors page of
+    Ray's dashboard lists (a restarted engine adds ``-restart-<n>``, see engine_start_options)."""
+    return f"{_prefixed(label)}-{role}-{index}"
+
+
+def _prefixed(label: str) -> str:
+    # runs/echoink-r1-7b gives echoink-r1-7b-…, not echoink-echoink-r1-7b-…
+    return label if label.startswith("echoink") else f"echoink-{label}"
 
 
 def decide_gpus(setting: str) -> bool:
@@ -118,7 +156,8 @@ def plan_run(config: RunConfig, use_gpus: bool, *, learner: bool = True) -> Plac
     placement = plan(
         mode=mode, use_gpus=use_gpus, engines=r.num_engines, tensor_parallel_size=r.tensor_parallel_size, ranks=ranks,
         cpus_per_engine=r.cpus_per_engine, cpus_per_rank=lc.cpus_per_rank, engine_resources=r.resources,
-        learner_resources=lc.resources,
+        learner_resources=lc.resources, label=run_label(config.output_dir),
+        engine_role="engine" if learner else "eval-engine",
     )
     placement.why = why
     return placement
@@ -136,7 +175,11 @@ def plan(
     learner_resources: dict[str, float] | None = None,
     timeout_s: float = 600.0,
     mode: str = "split",
+    label: str = "",
+    engine_role: str = "engine",
 ) -> Placement:
+    """Placement groups for the engines and learner ranks, and each actor's options; with a
+    ``label`` (run_label) every actor and group is named after the run."""
     check_capacity(use_gpus, engines, tensor_parallel_size, ranks, mode)
     env = {"env_vars": actor_env()}
     engine_bundle: dict[str, float] = {"CPU": cpus_per_engine, **(engine_resources or {})}
@@ -145,22 +188,39 @@ def plan(
         engine_bundle["GPU"] = float(tensor_parallel_size)
         rank_bundle["GPU"] = 1.0
     if mode == "colocated":
-        return _colocated(use_gpus, engines, ranks, engine_bundle, rank_bundle, env, timeout_s)
+        placement = _colocated(use_gpus, engines, ranks, engine_bundle, rank_bundle, env, timeout_s, label)
+        return _named(placement, label, engine_role)
     # either role may be absent: evaluation runs engines only, a warm start learner ranks only
     wanted = {"rollout": (engine_bundle, engines), "learner": (rank_bundle, ranks)}
     groups = {
-        name: placement_group([dict(bundle) for _ in range(count)], strategy="PACK", name=f"echoink-{name}")
+        name: placement_group([dict(bundle) for _ in range(count)], strategy="PACK", name=_group_name(label, name))
         for name, (bundle, count) in wanted.items()
         if count
     }
     for name, group in groups.items():
         _wait_placed(name, group, timeout_s)
-    return Placement(
+    placement = Placement(
         use_gpus=use_gpus,
         engine_options=[_options(groups["rollout"], i, engine_bundle, env) for i in range(engines)],
         learner_options=[_options(groups["learner"], i, rank_bundle, env) for i in range(ranks)],
         groups=list(groups.values()),
     )
+    return _named(placement, label, engine_role)
+
+
+def _group_name(label: str, role: str) -> str:
+    return f"{_prefixed(label)}-{role}" if label else f"echoink-{role}"
+
+
+def _named(placement: Placement, label: str, engine_role: str) -> Placement:
+    """Give every actor its Ray name (none without a label: benchmarks, warm starts)."""
+    if label:
+        placement.label = label
+        for i, opts in enumerate(placement.engine_options):
+            opts["name"] = actor_name(label, engine_role, i)
+        for i, opts in enumerate(placement.learner_options):
+            opts["name"] = actor_name(label, "learner", i)
+    return placement
 
 
 def _colocated(
@@ -171,6 +231,7 @@ def _colocated(
     rank_bundle: dict[str, float],
     env: dict[str, Any],
     timeout_s: float,
+    label: str = "",
 ) -> Placement:
     """One bundle per learner rank; bundle i < engines also holds engine i: the CPUs and custom
     resources of both roles and one GPU, which the engine and the rank each take half of (Ray
@@ -181,7 +242,7 @@ def _colocated(
         shared["GPU"] = 1.0
         engine_bundle, rank_bundle = {**engine_bundle, "GPU": 0.5}, {**rank_bundle, "GPU": 0.5}
     bundles = [dict(shared) for _ in range(engines)] + [dict(alone) for _ in range(ranks - engines)]
-    group = placement_group(bundles, strategy="PACK", name="echoink-colocated")
+    group = placement_group(bundles, strategy="PACK", name=_group_name(label, "colocated"))
     _wait_placed("colocated", group, timeout_s)
     return Placement(
         use_gpus=use_gpus,

@@ -47,11 +47,6 @@ def plot_run(
     height: int = 700,
     dpi: int = 100,
 ) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{run_dir}: no metrics.jsonl (a training run folder?)")
@@ -61,30 +56,53 @@ def plot_run(
     out = out_dir or run_dir / "plots"
     out.mkdir(parents=True, exist_ok=True)
     written = []
+    for name, _title, png in render_figures(rows, smoothing=smoothing, width=width, height=height, dpi=dpi):
+        target = out / f"{name}.png"
+        target.write_bytes(png)
+        written.append(target)
+    return written
+
+
+def render_figures(
+    rows: list[dict], *, smoothing: int = 1, width: int = 1200, height: int = 700, dpi: int = 100
+) -> list[tuple[str, str, bytes]]:
+    """(name, title, PNG bytes) of each figure of ``FIGURES`` whose metrics the rows hold; shared by
+    `echoink plot` (files) and `echoink report` (inlined in the page)."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures = []
     for name, (title, keys) in FIGURES.items():
         present = [(k, label) for k, label in keys if _series(rows, k)[0]]
         if not present:
             continue
+        # evaluations are every eval.every steps: a window of steps would average different evaluations
+        window = 1 if name == "eval" else smoothing
         fig = plt.figure(figsize=(width / dpi, height / dpi), dpi=dpi)
         if name == "training_curves" and len(present) == 2:
             ax = fig.add_subplot(111)
             twin = ax.twinx()
             for axis, (key, label), colour in ((ax, present[0], "tab:blue"), (twin, present[1], "tab:orange")):
                 steps, values = _series(rows, key)
-                axis.plot(steps, smooth(values, smoothing), color=colour, label=label)
+                axis.plot(steps, smooth(values, window), color=colour, label=label)
                 axis.set_ylabel(label, color=colour)
             ax.set_xlabel("step")
         else:
             ax = fig.add_subplot(111)
             for key, label in present:
                 steps, values = _series(rows, key)
-                ax.plot(steps, smooth(values, smoothing), label=label)
+                ax.plot(steps, smooth(values, window), label=label, marker="o" if len(steps) < 20 else None)
             ax.set_xlabel("step")
             ax.legend()
-        ax.set_title(title + (f" (moving average of {smoothing})" if smoothing > 1 else ""))
+        ax.set_title(title + (f" (moving average of {window})" if window > 1 else ""))
         ax.grid(alpha=0.3)
-        target = out / f"{name}.png"
-        fig.savefig(target, dpi=dpi)  # no tight bbox: the file keeps the size asked for
+        fig.tight_layout()  # the axis labels inside the picture; the size stays the one asked for
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=dpi)  # no tight bbox: the file keeps the size asked for
         plt.close(fig)
-        written.append(target)
-    return written
+        figures.append((name, title, buffer.getvalue()))
+    return figures

@@ -50,11 +50,27 @@ def overlong_penalty(length: int, rules: ScoringRules) -> float:
     return -rules.overlong_penalty * min(1.0, (length - start) / rules.overlong_buffer)
 
 
+@dataclass(frozen=True)
+class ScoredCompletion:
+    """One completion as it was scored, for people to read (`orchestrator.samples`)."""
+
+    record: Record
+    text: str
+    tokens: int
+    finish_reason: str
+    rewards: dict[str, float]  # each reward component before weighting
+    reward: float  # the weighted total the advantage was computed from (overlong penalty included)
+    advantage: float
+
+
 @dataclass
 class ScoredStep:
     experiences: list[Experience]
     metrics: dict[str, float]
     failed: list[dict[str, Any]] = field(default_factory=list)  # bad_records.jsonl entries
+    # every completion of the step's first rollout in rollout order, kept through the filters like
+    # ``metrics`` (what was generated and scored, not what was trained on)
+    completions: list[ScoredCompletion] = field(default_factory=list)
 
 
 def score_step(
@@ -107,6 +123,11 @@ def score_step(
         Experience(record, completion.token_ids, float(adv), completion.logprobs, dummy=hide)
         for (record, completion), adv, hide in zip(kept, advantages, masked, strict=True)
     ]
+    completions = [
+        ScoredCompletion(record, completion.text, len(completion.token_ids), completion.finish_reason,
+                         dict(score.components), total, float(adv))
+        for (record, completion), score, total, adv in zip(kept, scores, totals.tolist(), advantages, strict=True)
+    ]
     if rules.overlong == "mask":
         metrics["data/masked_overlong"] = float(sum(masked))
     metrics.update({
@@ -120,7 +141,7 @@ def score_step(
         "data/completions": float(len(experiences) - sum(masked)),
         **group_metrics(totals, ids),
     })
-    return ScoredStep(experiences=experiences, metrics=metrics, failed=failed)
+    return ScoredStep(experiences=experiences, metrics=metrics, failed=failed, completions=completions)
 
 
 def group_metrics(rewards: torch.Tensor, ids: Sequence[str]) -> dict[str, float]:
@@ -141,7 +162,7 @@ def informative(scored: ScoredStep) -> tuple[ScoredStep, int]:
     to learn), and how many were dropped."""
     flat = {q for q, members in _by_question(scored.experiences).items() if all(e.advantage == 0.0 for e in members)}
     kept = [e for e in scored.experiences if e.record.id not in flat]
-    return ScoredStep(kept, dict(scored.metrics), list(scored.failed)), len(flat)
+    return ScoredStep(kept, dict(scored.metrics), list(scored.failed), scored.completions), len(flat)
 
 
 def fill_informative(
@@ -156,7 +177,8 @@ def fill_informative(
     while len(_by_question(kept.experiences)) < want and rounds < max_rounds:
         rounds += 1
         more, lost = informative(draw(want - len(_by_question(kept.experiences))))
-        kept = ScoredStep(kept.experiences + more.experiences, kept.metrics, kept.failed + more.failed)
+        kept = ScoredStep(kept.experiences + more.experiences, kept.metrics, kept.failed + more.failed,
+                          kept.completions)
         dropped += lost
     questions = list(_by_question(kept.experiences))[:want]
     experiences = [e for e in kept.experiences if e.record.id in set(questions)]
@@ -164,7 +186,7 @@ def fill_informative(
         experiences = scored.experiences
     metrics = {**kept.metrics, "filter/dropped_groups": float(dropped), "filter/extra_rollouts": float(rounds),
                "data/completions": float(sum(not e.dummy for e in experiences))}
-    return ScoredStep(experiences, metrics, kept.failed)
+    return ScoredStep(experiences, metrics, kept.failed, kept.completions)
 
 
 def _by_question(experiences: Sequence[Experience]) -> dict[str, list[Experience]]:

@@ -27,10 +27,12 @@ from orchestrator.metrics import MetricsLogger
 from orchestrator.placement import Placement, decide_gpus, plan_run
 from orchestrator.runtime import connect
 from orchestrator.sampler import QuestionSampler
+from orchestrator.samples import SAMPLES_FILE, SampleLog
 from orchestrator.scoring import ScoredStep, fill_informative, score_step
 from orchestrator.settings import (
     engine_settings,
     learner_settings,
+    media_settings,
     sampling_settings,
     scoring_rules,
 )
@@ -67,7 +69,7 @@ class Trainer:
         self.resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
         if resume and self.resume_from is None:
             self._say(f"--resume: no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}, starting from step 0")
-            for name in ("metrics.jsonl", "questions.jsonl"):
+            for name in ("metrics.jsonl", "questions.jsonl", SAMPLES_FILE):
                 ckpt.truncate_jsonl(self.run_dir / name, 0)
         self.bad_records = BadRecords(self.run_dir / "bad_records.jsonl")
         self.train_records = load_split(config.data.train, "train", config.data, self.bad_records, self._say)
@@ -142,13 +144,13 @@ class Trainer:
             self.learner.load_train_state(str(self.resume_from))
             self.sampler.load_state_dict(state["sampler"])
             self.step = int(state["step"])
-            for name in ("metrics.jsonl", "questions.jsonl"):
+            for name in ("metrics.jsonl", "questions.jsonl", SAMPLES_FILE):
                 ckpt.truncate_jsonl(self.run_dir / name, self.step)  # drop steps done after that checkpoint
             self._say(f"resumed from {self.resume_from} at step {self.step}")
 
     def _new_engine(self, index: int) -> Any:
         assert self.placement is not None
-        options = self.placement.engine_options[index]
+        options = self.placement.engine_start_options(index)  # named; a restart gets a new name
         settings = engine_settings(self.config, sleep_mode=self.sleeps)
         return ray.remote(RolloutEngine).options(**options).remote(settings, index)
 
@@ -245,6 +247,8 @@ class Trainer:
         if c.eval.at_start and self.step == 0 and self.valid_records:
             start_eval = self._evaluate("start")  # before the progress bar
         logger = MetricsLogger(self.run_dir, total_steps=self.total_steps, start_step=self.step, console=self.console)
+        samples = SampleLog(self.run_dir, every=c.log.samples_every, count=c.log.samples_per_step,
+                            media=media_settings(c), writer=logger.writer)
         last: dict[str, float] = {}
         end = self.total_steps if self.stop_after is None else min(self.total_steps, self.step + self.stop_after)
         try:
@@ -261,6 +265,7 @@ class Trainer:
                 if c.grpo.off_policy and step < end:
                     pending = self._submit(step + 1)  # rolls out on the current weights while we learn
                 scored = self._score(batch)
+                samples.log(step, scored.completions)
                 asleep = self.sharing.sleep()
                 values = self._learn(batch, scored)
                 self._check_skipped(values, step)

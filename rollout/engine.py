@@ -247,3 +247,9 @@ def completion_from_vllm(output: Any) -> Completion:
         logprobs=logprobs,
         finish_reason=str(output.finish_reason or "length"),
     )
+    def __repr__(self) -> str:
+        """What Ray's dashboard shows for this actor (omni.actorrepr: taken once it has started)."""
+        from omni.actorrepr import actor_repr
+
+        return actor_repr(f"engine {self.index}", f"weights v{getattr(self, 'weight_version', 0)}")
+

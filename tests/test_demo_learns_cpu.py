@@ -56,7 +56,11 @@ def run_make_demo(run_dir: Path, timeout_s: float = 2400) -> str:
 
 @pytest.mark.slow
 def test_demo_recipe_beats_its_warm_start(tmp_path) -> None:
+    from chromium import open_page
+
     from orchestrator.config import load_config
+    from orchestrator.report import build_report
+    from orchestrator.samples import read_samples
 
     run_dir = tmp_path / "run"
     output = run_make_demo(run_dir)
@@ -84,3 +88,12 @@ def test_demo_recipe_beats_its_warm_start(tmp_path) -> None:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == config.total_steps
     assert sum(r["reward/format"] for r in rows[-10:]) / 10 > 0.8  # the format survived the training
+    # the samples (log.samples_every: 50 by default) show the answers it learnt, and the run's page
+    # opens in a browser with its pictures and sounds (the e2e test checks the page in detail)
+    samples = read_samples(run_dir)
+    assert sorted({r["step"] for r in samples}) == [1, 50, 100, 150]
+    last = [r for r in samples if r["step"] == 150]
+    assert len(last) == 4 and sum(r["rewards"]["accuracy"] for r in last) >= 3, last
+    seen = open_page(build_report(run_dir), tmp_path / "browser")
+    assert len(seen["audio"]) == len(samples) and all(a["duration"] > 0.9 for a in seen["audio"]), seen["audio"]
+    assert all(i["loaded"] for i in seen["images"]) and len(seen["images"]) > len(samples), seen["images"]

@@ -80,8 +80,13 @@ def test_a_killed_engine_is_restarted_and_no_question_is_lost(ray_local, tiny_ch
     config = tiny_config(tiny_checkpoint, synth_dir, out, "total_steps=5", "checkpoint.every=0", "sync.timeout_s=30")
     thread, box = run_in_thread(config)
     wait_for_step(out, 2, thread)
-    engine_pid = json.loads((out / "placement.json").read_text())["engines"][0]["pid"]
-    os.kill(engine_pid, signal.SIGKILL)  # as the kernel's OOM killer would
+    engine = json.loads((out / "placement.json").read_text())["engines"][0]
+    os.kill(engine["pid"], signal.SIGKILL)  # as the kernel's OOM killer would
+    # the restarted engine is named anew: Ray may still hold the dead one's name (and the
+    # dashboard then lists both, the dead one and its replacement, each by its own name)
+    named = ray_local.util.list_named_actors  # the live ones of this namespace
+    wait_until(lambda: f"{engine['actor']}-restart-1" in named(), thread, "the restarted engine")
+    assert engine["actor"] not in named()
     thread.join(timeout=600)
     assert "error" not in box, box.get("error")
     assert box["summary"]["finished"]

@@ -141,3 +141,26 @@ def test_dynamic_sampling_drops_flat_groups_and_draws_more() -> None:
     assert capped.metrics["filter/extra_rollouts"] == 1
     nothing = fill_informative(step(("q1", [WRONG, WRONG])), lambda n: step(("q9", [WRONG, WRONG])), 1, 1)
     assert len(nothing.experiences) == 2  # no signal anywhere: the batch as it came
+
+
+def test_completions_keep_what_was_scored_through_the_filters() -> None:
+    """`ScoredStep.completions` (what orchestrator/samples.py shows): each completion's text, reward
+    parts, the total its advantage came from (overlong penalty included) and that advantage; the
+    dynamic-sampling filter keeps them, like the step's metrics, as the first rollout had them."""
+    rules = ScoringRules(overlong="penalty", max_new_tokens=10, overlong_buffer=4)
+    records = [record("q1"), record("q2")]
+    results = [
+        RolloutResult("q1", completions=[completion(RIGHT.format("B"), 8, "length"), completion(WRONG)]),
+        RolloutResult("q2", completions=[completion(RIGHT.format("B")), completion(RIGHT.format("B"))]),
+    ]
+    scored = score_step(1, records, results, RewardSet(), rules)
+    done = scored.completions
+    assert [c.text for c in done] == [RIGHT.format("B"), WRONG, RIGHT.format("B"), RIGHT.format("B")]
+    assert done[0].rewards == {"accuracy": 1.0, "format": 1.0} and done[1].rewards == {"accuracy": 0.0, "format": 0.0}
+    assert done[0].reward == pytest.approx(2.0 + overlong_penalty(8, rules)) and done[0].reward == pytest.approx(1.5)
+    assert (done[0].tokens, done[0].finish_reason) == (8, "length")
+    assert [c.advantage for c in done] == [e.advantage for e in scored.experiences]
+    assert done[0].advantage > 0 > done[1].advantage
+    filled = fill_informative(scored, lambda n: pytest.fail("nothing to draw"), 1, 0)
+    assert [e.record.id for e in filled.experiences] == ["q1", "q1"]  # q2's equal rewards dropped
+    assert filled.completions == done

@@ -61,6 +61,8 @@ DIRECT: dict[str, tuple[str, str]] = {
     "eval.subset": ("orchestrator/evalrun.py", "config.eval.subset"),
     "eval.at_end": ("orchestrator/trainer.py", "c.eval.at_end"),
     "eval.at_start": ("orchestrator/trainer.py", "c.eval.at_start"),
+    "log.samples_every": ("orchestrator/trainer.py", "c.log.samples_every"),
+    "log.samples_per_step": ("orchestrator/trainer.py", "c.log.samples_per_step"),
     "checkpoint.every": ("orchestrator/trainer.py", "c.checkpoint.every"),
     "checkpoint.keep_last": ("orchestrator/trainer.py", "config.checkpoint.keep_last"),
     "checkpoint.at_end": ("orchestrator/trainer.py", "c.checkpoint.at_end"),

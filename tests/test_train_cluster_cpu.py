@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -15,6 +16,8 @@ import sys
 import textwrap
 import time
 import typing
+import urllib.parse
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -176,14 +179,19 @@ def test_engines_and_learners_on_different_nodes(tiny_checkpoint, synth_dir, tmp
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
 
-@pytest.fixture
-def ray_head(tmp_path):
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
     """A Ray head of its own (`ray start --block` in a new session), its dashboard and job API on
     loopback. Stopped by signalling its process group: `ray stop` would stop every Ray here."""
+    tmp_path = tmp_path_factory.mktemp("ray-head")
     port, dash = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     # Ray 2.60 turns token authentication on for new clusters; clients must say so to send the token
     env["RAY_AUTH_MODE"] = "token"
+    # Ray's processes send their metrics to the node's exporter every 10 s by default: a two-step
+    # run may end between two reports, so here every second (Prometheus scrapes every second too)
+    env["RAY_metrics_report_interval_ms"] = "1000"
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"  # `echoink` for a job's entrypoint, as in the image
     temp = Path("/tmp") / f"ray-job-{os.getpid()}"
     start = [
         str(BIN / "ray"), "start", "--head", f"--port={port}", "--num-cpus=4", "--block",
@@ -203,7 +211,7 @@ def ray_head(tmp_path):
     with log.open("w") as sink:
         head = subprocess.Popen(start, env=env, cwd=head_cwd, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        yield f"http://127.0.0.1:{dash}", head_cwd, env, log
+        yield f"http://127.0.0.1:{dash}", head_cwd, env, log, temp
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):
             with contextlib.suppress(ProcessLookupError):
@@ -234,9 +242,37 @@ def a_checkout(root: Path, tiny_checkpoint: Path, synth_dir: Path) -> Path:
     return project
 
 
-def test_ray_job_submit_runs_training_from_relative_paths(ray_head, tiny_checkpoint, synth_dir, tmp_path) -> None:
-    dashboard, head_cwd, env, head_log = ray_head
-    project = a_checkout(tmp_path, tiny_checkpoint, synth_dir)
+@pytest.fixture(scope="module")
+def prometheus(ray_head, tmp_path_factory):
+    """A real Prometheus (Debian's package; .ci/run installs it) scraping the head as it does on a
+    cluster's head node (orchestrator.monitoring.start_prometheus), every second. Without one,
+    the error (which says how to install it): the test that queries it fails, the others run."""
+    from orchestrator.monitoring import start_prometheus
+
+    port = free_port()
+    try:
+        proc = start_prometheus(ray_head[4], tmp_path_factory.mktemp("prometheus"), port=port, scrape_interval="1s",
+                                wait_s=300)
+    except (FileNotFoundError, RuntimeError, TimeoutError) as exc:
+        yield exc
+        return
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+@pytest.fixture(scope="module")
+def submitted(ray_head, prometheus, tiny_checkpoint, synth_dir, tmp_path_factory):
+    """Jobs as a user submits them (two that fail early, one `make submit`), then a two-step run
+    started in the checkout; their outputs, the run's window and the head's address."""
+    dashboard, head_cwd, env, head_log, _ = ray_head
+    root = tmp_path_factory.mktemp("job-submit")
+    project = a_checkout(root, tiny_checkpoint, synth_dir)
     for _ in range(90):  # the job API comes up a little after `ray start` returns
         probe = subprocess.run([str(BIN / "ray"), "job", "list", "--address", dashboard], capture_output=True, env=env)
         if probe.returncode == 0:
@@ -244,31 +280,54 @@ def test_ray_job_submit_runs_training_from_relative_paths(ray_head, tiny_checkpo
         time.sleep(2)
     assert probe.returncode == 0, (probe.stderr[-2000:], head_log.read_text()[-3000:])
 
-    def submit(*args: str) -> subprocess.CompletedProcess:
-        command = [str(BIN / "ray"), "job", "submit", "--address", dashboard, *args]
+    def until_an_agent(command: list[str]) -> subprocess.CompletedProcess:
         for _ in range(30):
             proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900, cwd=project)
             # the job agent on the node starts a little after the job API: nothing was submitted yet
-            if proc.returncode == 0 or "No available agent" not in proc.stderr:
+            if proc.returncode == 0 or "No available agent" not in proc.stderr + proc.stdout:
                 return proc
             time.sleep(2)
         return proc
 
+    def submit(*args: str) -> subprocess.CompletedProcess:
+        return until_an_agent([str(BIN / "ray"), "job", "submit", "--address", dashboard, *args])
+
     train = [str(BIN / "echoink"), "train", "--config", "configs/job.yaml"]
+    out: dict = {"project": project, "head_cwd": head_cwd, "dashboard": dashboard, "env": env}
     # Ray runs the entrypoint in the job's working_dir; `local://` is the folder itself (README's
     # one-machine form): the driver reads relative paths there (a missing one fails before any actor)
-    proc = submit("--working-dir", f"local://{project}", "--", *train, "--set", "data.valid=data/none.json")
+    out["local"] = submit("--working-dir", f"local://{project}", "--", *train, "--set", "data.valid=data/none.json")
+    # `make submit`: an uploaded working_dir (Ray's unpacked copy, without the ignored data/ and
+    # checkpoints/), the job named after the config
+    out["make"] = until_an_agent(["make", "-s", "-f", str(REPO / "Makefile"), "submit", f"VENV={BIN.parent}",
+                                  "CONFIG=configs/job.yaml", f"RAY_JOB_ADDRESS={dashboard}"])
+    # the run: started in the checkout, its actors in the head's folder; it trains on the checkout's files
+    out["started"] = time.time()
+    out["run"] = submit("--", "bash", "-c", f"cd {shlex.quote(str(project))} && {shlex.join(train)}")
+    out["ended"] = time.time()
+    return out
+
+
+def on_the_head(submitted: dict, code: str) -> typing.Any:
+    """What ``code`` (Python, which prints JSON) says, run against the head as a client."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=submitted["env"], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_ray_job_submit_runs_training_from_relative_paths(submitted) -> None:
+    project, head_cwd = submitted["project"], submitted["head_cwd"]
+    proc = submitted["local"]
     assert proc.returncode != 0
     assert f"data.valid: 'data/none.json' does not exist (tried {project / 'data' / 'none.json'})" in proc.stdout, proc.stdout[-3000:]
     # an uploaded working_dir (`--working-dir .`, `make submit`): Ray's unpacked copy, without the
     # ignored data/ and checkpoints/; the error says where it looked and how to submit instead
-    proc = submit("--working-dir", ".", "--", *train)
+    proc = submitted["make"]
     assert proc.returncode != 0
     assert "model_path: 'checkpoints/tiny' does not exist (tried " in proc.stdout, proc.stdout[-3000:]
     assert "_ray_pkg_" in proc.stdout and 'submit with --working-dir "local://$PWD"' in proc.stdout
 
-    # the run: started in the checkout, its actors in the head's folder; it trains on the checkout's files
-    proc = submit("--", "bash", "-c", f"cd {shlex.quote(str(project))} && {shlex.join(train)}")
+    proc = submitted["run"]
     assert proc.returncode == 0, (proc.stdout[-3000:], proc.stderr[-3000:])
     assert "succeeded" in proc.stdout.lower()
     out = project / "runs" / "job"
@@ -281,3 +340,79 @@ def test_ray_job_submit_runs_training_from_relative_paths(ray_head, tiny_checkpo
     assert recorded.model_path == project / "checkpoints" / "tiny"
     assert recorded.data.train == project / "data" / "synth" / "train" / "omni_rl_format_train.json"
     assert recorded.output_dir == out
+
+
+def test_make_submit_names_the_job(submitted) -> None:
+    jobs = on_the_head(submitted, textwrap.dedent(f"""
+        import json
+        from ray.job_submission import JobSubmissionClient
+        jobs = JobSubmissionClient({submitted["dashboard"]!r}).list_jobs()
+        print(json.dumps([{{"id": j.submission_id, "metadata": j.metadata, "entrypoint": j.entrypoint}} for j in jobs]))
+    """))
+    named = [j for j in jobs if j["metadata"].get("job_name") == "job"]  # the Jobs page's Name column
+    assert len(named) == 1, jobs
+    assert re.fullmatch(r"job-\d{8}-\d{6}", named[0]["id"]), named
+    assert named[0]["metadata"]["config"] == "configs/job.yaml"
+    assert named[0]["entrypoint"] == "echoink train --config configs/job.yaml"
+    # the jobs submitted without a name: the Name column shows "-"
+    others = [j for j in jobs if j is not named[0]]
+    assert len(others) == 2 and not any("job_name" in j["metadata"] for j in others)
+
+
+def test_the_dashboard_lists_the_runs_actors_by_name_with_role_node_device_and_version(submitted) -> None:
+    placement = json.loads((submitted["project"] / "runs" / "job" / "placement.json").read_text())
+    engines = [e["actor"] for e in placement["engines"]]
+    ranks = [r["actor"] for r in placement["learner_ranks"]]
+    label = re.fullmatch(r"echoink-(job-[0-9a-f]{4})-engine-0", engines[0])
+    assert label, engines
+    assert ranks == [f"echoink-{label.group(1)}-learner-{i}" for i in range(2)]
+    actors = on_the_head(submitted, textwrap.dedent(f"""
+        import json
+        from ray.util.state import list_actors
+        found = list_actors(address={submitted["dashboard"]!r}, detail=True, limit=10000, raise_on_missing_output=False)
+        print(json.dumps({{a.name: [a.class_name, a.state, a.repr_name] for a in found if a.name}}))
+    """))
+    host = socket.gethostname()
+    # Ray takes the repr once the actor has started: the weights it was built with, no step yet
+    assert actors[engines[0]] == ["RolloutEngine", "DEAD", f"engine 0 @ {host} [cpu] weights v0"]
+    for rank, name in enumerate(ranks):
+        assert actors[name] == ["LearnerWorker", "DEAD", f"learner rank {rank}/2 @ {host} [cpu] step 0"]
+    assert not [n for n in actors if n.startswith("echoink-") and n not in (*engines, *ranks)]  # one run trained
+
+
+def test_prometheus_scrapes_the_run_and_the_grafana_dashboard_charts_it(submitted, prometheus) -> None:
+    from orchestrator.metrics import prometheus_name
+    from orchestrator.monitoring import DASHBOARD_FILE, PANELS, dashboard_metrics, metric_names
+
+    if isinstance(prometheus, Exception):
+        pytest.fail(f"no Prometheus: {prometheus}")
+    assert submitted["run"].returncode == 0, submitted["run"].stdout[-3000:]
+
+    def query(path: str, **params: typing.Any) -> typing.Any:
+        with urllib.request.urlopen(f"{prometheus}{path}?{urllib.parse.urlencode(params)}", timeout=30) as reply:
+            body = json.loads(reply.read())
+        assert body["status"] == "success", body
+        return body["data"]
+
+    rows = [json.loads(line) for line in (submitted["project"] / "runs" / "job" / "metrics.jsonl").read_text().splitlines()]
+    # the latest value Prometheus holds is one the run logged (a range selector reads past the
+    # staleness marker Prometheus sets once the finished driver's series left the endpoint)
+    name = prometheus_name("timing/step_s")
+    assert name == "ray_echoink_timing_step_s"
+    found = query("/api/v1/query", query=f'last_over_time({name}{{run="job"}}[15m])')["result"]
+    assert len(found) == 1 and found[0]["metric"]["run"] == "job", found
+    assert float(found[0]["value"][1]) in [pytest.approx(r["timing/step_s"], rel=1e-9) for r in rows]
+    # every metric the dashboard names is one this run exported, but those of GPU runs and evaluations
+    charted = {n for p in PANELS for s in p.series if not s.only for n in metric_names(s.promql())}
+    assert charted < dashboard_metrics(json.loads(DASHBOARD_FILE.read_text()))
+    exported = set(query("/api/v1/label/__name__/values"))
+    assert not charted - exported, sorted(charted - exported)
+    # and each chart of the dashboard, as Grafana asks for it, has this run's points
+    empty = []
+    for panel in PANELS:
+        for series in (s for s in panel.series if not s.only):
+            data = query("/api/v1/query_range", query=series.promql().replace("$run", "job"),
+                         start=submitted["started"], end=submitted["ended"] + 10, step=2)["result"]
+            if not data:
+                empty.append(f"{panel.title}: {series.legend or series.metric}")
+    assert not empty, empty

@@ -7,11 +7,15 @@ import math
 from pathlib import Path
 
 import pytest
+import torch
+from chromium import open_page
 
 from omni.metrics import unknown
 from orchestrator.checkpoint import list_checkpoints, read_run_state
+from orchestrator.cli import main
 from orchestrator.config import load_config
 from orchestrator.metrics import read_metrics
+from orchestrator.samples import read_samples
 from orchestrator.trainer import train
 from rewards import register_reward
 
@@ -65,7 +69,8 @@ def tiny_config(checkpoint: Path, data: Path, out: Path, *extra: str):
 @pytest.fixture(scope="module")
 def uninterrupted(ray_local, tiny_checkpoint, synth_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run-full")
-    config = tiny_config(tiny_checkpoint, synth_dir, out, "eval.at_end=true", "eval.at_start=true", "eval.ablate=[none,audio]")
+    config = tiny_config(tiny_checkpoint, synth_dir, out, "eval.at_end=true", "eval.at_start=true", "eval.ablate=[none,audio]",
+                         "log.samples_every=2")
     summary = train(config, console=False)
     return out, summary
 
@@ -117,6 +122,37 @@ def test_run_folder_has_metrics_checkpoint_and_tensorboard(uninterrupted) -> Non
     assert gain["wins"] == sum(after[q] and not before[q] for q in before)
     assert gain["losses"] == sum(before[q] and not after[q] for q in before)
     assert summary["eval_start"]["eval/accuracy"] == pytest.approx(start["accuracy"])
+
+
+def test_samples_and_the_report_of_the_run_in_chromium(uninterrupted, tmp_path) -> None:
+    """log.samples_every=2 samples steps 1, 2 and 4 (4 completions: round robin over the step's 2
+    questions); `echoink report` on the run folder renders in headless Chromium with every chart and
+    picture loaded and every clip decoded."""
+    out, _ = uninterrupted
+    samples = read_samples(out)
+    assert [(r["step"], r["slot"]) for r in samples] == [(s, k) for s in (1, 2, 4) for k in range(4)]
+    drawn = {row["step"]: row["ids"] for row in map(json.loads, (out / "questions.jsonl").read_text().splitlines())}
+    for row in samples:
+        assert (row["id"], row["completion_index"]) == (drawn[row["step"]][row["slot"] % 2], row["slot"] // 2)
+        group = torch.tensor(row["group_rewards"], dtype=torch.float64)  # the 4 completions of its question
+        assert len(group) == 4 and group[row["completion_index"]] == row["reward"] == sum(row["rewards"].values())
+        expected = (row["reward"] - group.mean()) / (group.std() + 1e-4)  # grpo.advantage grpo
+        assert row["advantage"] == pytest.approx(float(expected), abs=1e-9)
+        assert (out / row["image"]).is_file() and (out / row["audio"]).is_file()
+    assert main(["report", str(out)]) == 0
+    page = (out / "report.html").read_text()
+    final = json.loads((out / "eval" / "final" / "summary.json").read_text())
+    assert f"none: as given</td><td>{final['accuracy']:.3f}</td>" in page
+    seen = open_page(out / "report.html", tmp_path)
+    assert {"Training curves", "After training (eval/final)", "Before and after training", "Step 1", "Step 2",
+            "Step 4"} <= set(seen["headings"])
+    pictures = [i for i in seen["images"] if i["alt"] == "the question's picture"]
+    assert len(pictures) == len(samples) and len(seen["images"]) > len(samples)  # and the charts
+    assert all(i["loaded"] for i in seen["images"]), seen["images"]
+    assert len(seen["audio"]) == len(samples)
+    for audio in seen["audio"]:
+        assert audio["error"] is None and audio["src"].startswith("data:audio/wav;base64,"), audio
+        assert audio["duration"] == pytest.approx(2.0, abs=0.01)  # avqa.synth's default 2-second clips
 
 
 def test_checkpoint_loads_in_transformers(uninterrupted) -> None:
