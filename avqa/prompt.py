@@ -62,14 +62,19 @@ def build_messages(
     *,
     image: Any = None,
     audio: Any = None,
+    video: Any = None,
     system_prompt: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One user turn: the image, then the audio, then the text (the reference order).
+    """One user turn: the media the record's data_type reads, then the text. The reference order
+    for image_audio is image, audio, text; a video comes first. A video_audio record's sound is
+    its video's own track: the message holds the video only, and the processor's
+    ``use_audio_in_video`` places the sound's tokens inside the video's (see `omni.inputs`).
 
-    ``image`` and ``audio`` default to the record's file paths; pass loaded media to carry them
-    in the message. A processor's chat template renders the placeholders either way. The text is
-    the training prompt, unless the record carries a :class:`PromptOverride` (an evaluation
-    protocol's), whose text and system message then replace it and ``system_prompt``.
+    The media default to the record's file paths; pass loaded media to carry them in the message.
+    A processor's chat template renders the placeholders either way. The text is the training
+    prompt (the reference wording for every type), unless the record carries a
+    :class:`PromptOverride` (an evaluation protocol's), whose text and system message then
+    replace it and ``system_prompt``.
     """
     text = prompt_text(record)
     override = prompt_override(record)
@@ -78,14 +83,13 @@ def build_messages(
     messages: list[dict[str, Any]] = []
     if system_prompt is not None:
         messages.append({"role": "system", "content": [{"type": "text", "text": system_prompt}]})
-    messages.append(
-        {
-            "role": "user",
-            "content": [
-                {"type": "image", "image": str(record.image_path) if image is None else image},
-                {"type": "audio", "audio": str(record.audio_path) if audio is None else audio},
-                {"type": "text", "text": text},
-            ],
-        }
-    )
+    given = {"image": image, "audio": audio, "video": video}
+    content: list[dict[str, Any]] = []
+    for name in ("video", "image", "audio"):
+        if name not in record.modalities or (name == "audio" and record.data_type == "video_audio"):
+            continue
+        value = given[name]
+        content.append({"type": name, name: str(record.media_path(name)) if value is None else value})
+    content.append({"type": "text", "text": text})
+    messages.append({"role": "user", "content": content})
     return messages

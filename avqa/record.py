@@ -16,10 +16,26 @@ SOLUTION_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S)
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
 
-class MediaPaths(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    image: StrictStr
-    audio: StrictStr
+# data_type → the files its `path` object names. video_audio reads the sound track of its own video
+# (Qwen2.5-Omni's use_audio_in_video), so it names one file; text names none.
+MEDIA_FILES: dict[str, tuple[str, ...]] = {
+    "image_audio": ("image", "audio"),
+    "video_audio": ("video",),
+    "video": ("video",),
+    "audio": ("audio",),
+    "image": ("image",),
+    "text": (),
+}
+DATA_TYPES = tuple(MEDIA_FILES)
+# data_type → what the model reads: the media a prompt carries (and an ablation can take away)
+MODALITIES: dict[str, tuple[str, ...]] = {
+    "image_audio": ("image", "audio"),
+    "video_audio": ("video", "audio"),
+    "video": ("video",),
+    "audio": ("audio",),
+    "image": ("image",),
+    "text": (),
+}
 
 
 class RawRecord(BaseModel):
@@ -28,11 +44,11 @@ class RawRecord(BaseModel):
     model_config = ConfigDict(extra="allow")
     problem_id: Any
     problem: StrictStr
-    data_type: Literal["image_audio"]
+    data_type: Literal["image_audio", "video_audio", "video", "audio", "image", "text"]
     problem_type: Literal["multiple choice"]
     options: list[StrictStr]
     solution: StrictStr
-    path: MediaPaths
+    path: dict[str, StrictStr] | None = None  # checked against data_type in validate_record
     data_source: StrictStr
 
     @field_validator("problem_id", mode="before")
@@ -51,13 +67,33 @@ class Record:
     question: str
     options: tuple[str, ...]
     answer: str  # the gold letter(s), e.g. "C" or "A,C"
-    image_path: Path
-    audio_path: Path
+    image_path: Path | None = None
+    audio_path: Path | None = None
     data_source: str = ""
     problem_id: int | str = ""
     source_file: str = ""
     index: int = -1
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    video_path: Path | None = None
+    data_type: str = "image_audio"
+
+    def __post_init__(self) -> None:
+        # a Record built in code obeys the same media rule as one read from a file
+        if self.data_type not in MEDIA_FILES:
+            raise ValueError(f"record {self.id!r}: unknown data_type {self.data_type!r}; one of {', '.join(DATA_TYPES)}")
+        held = {name for name in ("image", "audio", "video") if self.media_path(name) is not None}
+        wanted = set(MEDIA_FILES[self.data_type])
+        if held != wanted:
+            raise ValueError(f"record {self.id!r}: data_type {self.data_type!r} {media_mismatch(wanted, held)}")
+
+    def media_path(self, name: str) -> Path | None:
+        """The file of medium ``name`` ("image", "audio" or "video"), None where the type has none."""
+        return {"image": self.image_path, "audio": self.audio_path, "video": self.video_path}[name]
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        """What the model reads for this record, e.g. ("video", "audio") for video_audio."""
+        return MODALITIES[self.data_type]
 
     @property
     def letters(self) -> tuple[str, ...]:
@@ -73,19 +109,32 @@ class Record:
 
     def to_json(self, root: Path) -> dict[str, Any]:
         """The released layout's object, media paths relative to ``root``."""
-        return {
+        out: dict[str, Any] = {
             "problem_id": self.problem_id,
             "problem": self.question,
-            "data_type": "image_audio",
+            "data_type": self.data_type,
             "problem_type": "multiple choice",
             "options": list(self.options),
             "solution": self.solution,
-            "path": {
-                "image": self.image_path.relative_to(root).as_posix(),
-                "audio": self.audio_path.relative_to(root).as_posix(),
-            },
-            "data_source": self.data_source,
         }
+        if MEDIA_FILES[self.data_type]:
+            out["path"] = {
+                name: self.media_path(name).relative_to(root).as_posix()  # type: ignore[union-attr]
+                for name in MEDIA_FILES[self.data_type]
+            }
+        out["data_source"] = self.data_source
+        return out
+
+
+def media_mismatch(wanted: set[str], held: set[str]) -> str:
+    """The reason a record's media do not fit its data_type: the missing and the extra medium."""
+    parts = []
+    if wanted - held:
+        parts.append("needs " + " and ".join(f"'{m}'" for m in sorted(wanted - held)))
+    if held - wanted:
+        parts.append("takes no " + " or ".join(f"'{m}'" for m in sorted(held - wanted)))
+    needs = ", ".join(sorted(wanted)) or "no media"
+    return "; ".join(parts) + f" (it reads: {needs})"
 
 
 def parse_answer_letters(text: str) -> frozenset[str]:
@@ -154,16 +203,26 @@ def validate_record(
         bad = ",".join(sorted(gold - allowed))
         raise fail("solution", f"gold letter {bad} is not among the options {'/'.join(sorted(allowed))}")
 
-    image = resolve_media(raw.path.image, root=root, check_exists=check_media, fail=fail, field_name="path.image")
-    audio = resolve_media(raw.path.audio, root=root, check_exists=check_media, fail=fail, field_name="path.audio")
+    paths = raw.path or {}
+    wanted = set(MEDIA_FILES[raw.data_type])
+    if set(paths) != wanted:
+        odd = sorted(wanted - set(paths)) or sorted(set(paths) - wanted)  # the missing medium first
+        field_name = f"path.{odd[0]}"
+        raise fail(field_name, f"data_type {raw.data_type!r} {media_mismatch(wanted, set(paths))}")
+    resolved = {
+        name: resolve_media(rel, root=root, check_exists=check_media, fail=fail, field_name=f"path.{name}")
+        for name, rel in paths.items()
+    }
     extra = dict(raw.model_extra or {})
     return Record(
         id=str(raw.problem_id),
         question=raw.problem,
         options=tuple(raw.options),
         answer=sol.group(1).strip(),
-        image_path=image,
-        audio_path=audio,
+        image_path=resolved.get("image"),
+        audio_path=resolved.get("audio"),
+        video_path=resolved.get("video"),
+        data_type=raw.data_type,
         data_source=raw.data_source,
         problem_id=raw.problem_id,
         source_file=str(file),

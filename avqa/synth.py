@@ -1,17 +1,19 @@
-"""A synthetic audio-image question set in the released AVQA-R1-6K layout.
+"""A synthetic question set in the released AVQA-R1-6K layout, for every data_type.
 
-Each image shows one coloured shape; each clip plays one tone. The options name a colour *and* a
-pitch, so one medium alone narrows the answer to a half of the options and only the pair fixes it.
-Offline and deterministic for a seed: the tests' and the embedded default's data.
+``image_audio`` (the default): each image shows one coloured shape, each clip plays one tone; the
+options name a colour *and* a pitch, so one medium alone narrows the answer to a half of the options
+and only the pair fixes it. The single-medium kinds ask for one cue (``image``: the colour, ``audio``:
+the pitch, ``text``: a fact stated in the question); the video kinds live in :mod:`avqa.synth_video`.
+``mixed`` holds all six types. Offline and deterministic for a seed: the tests' and the embedded
+default's data.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import soundfile as sf
@@ -19,51 +21,25 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from avqa.record import LETTERS
-
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (215, 40, 40),
-    "blue": (40, 80, 220),
-    "green": (40, 165, 60),
-    "yellow": (235, 200, 40),
-    "purple": (140, 60, 180),
-    "orange": (245, 140, 30),
-}
-TONES_HZ: dict[str, float] = {"low": 300.0, "high": 1500.0, "middle": 700.0, "very high": 3000.0}
-SHAPES = ("circle", "square", "triangle")
-QUESTION = (
-    "The picture shows a coloured shape and the sound clip plays a tone. "
-    "Which option names both the colour of the shape and the pitch of the tone?"
+from avqa.synth_cues import (  # noqa: F401 (re-exported: avqa.synth is where users find them)
+    COLOURS,
+    DEMO_SPEC,
+    DIRECTIONS,
+    QUESTION,
+    QUESTIONS,
+    SHAPES,
+    TONES_HZ,
+    Question,
+    SynthSpec,
+    choose_pairs,
+    choose_single,
+    make_tone,
+    media_file,
 )
+from avqa.synth_video import video_audio_question, video_question
 
-
-@dataclass(frozen=True)
-class SynthSpec:
-    image_size: int = 112
-    audio_seconds: float = 2.0
-    sample_rate: int = 16_000
-    colours: tuple[str, ...] = ("red", "blue")
-    tones: tuple[str, ...] = ("low", "high")
-    num_options: int = 4
-    shuffle_options: bool = False  # False: every question lists the combinations in one fixed order
-    shape_scale: tuple[float, float] = (0.4, 0.7)  # the shape's side as a share of the image's
-
-    def __post_init__(self) -> None:
-        unknown = [c for c in self.colours if c not in COLOURS] + [t for t in self.tones if t not in TONES_HZ]
-        if unknown:
-            raise ValueError(f"unknown colour or tone: {unknown}; known: {sorted(COLOURS)} / {sorted(TONES_HZ)}")
-        if len(self.colours) < 2 or len(self.tones) < 2:
-            raise ValueError("need at least two colours and two tones so that each medium matters")
-        if not 2 <= self.num_options <= len(self.colours) * len(self.tones):
-            raise ValueError(f"num_options must be between 2 and {len(self.colours) * len(self.tones)}")
-        if self.image_size < 28 or self.audio_seconds <= 0:
-            raise ValueError("image_size must be ≥ 28 pixels and audio_seconds > 0")
-        if not 0 < self.shape_scale[0] <= self.shape_scale[1] <= 1:
-            raise ValueError(f"shape_scale must satisfy 0 < low ≤ high ≤ 1, got {self.shape_scale}")
-
-
-# `make demo`'s data: small media keep a CPU step near a second; a shape filling most of the picture
-# makes the colour cue as easy for a tiny random vision tower as the pitch is for its audio tower
-DEMO_SPEC = SynthSpec(image_size=56, audio_seconds=1.0, shape_scale=(0.8, 1.0))
+DATA_TYPES = tuple(QUESTIONS)
+KINDS = (*DATA_TYPES, "mixed")  # what `echoink data synth --kind` writes
 
 
 def option_text(colour: str, tone: str) -> str:
@@ -74,27 +50,7 @@ def choose_options(
     colour: str, tone: str, spec: SynthSpec, rng: np.random.Generator
 ) -> list[tuple[str, str]]:
     """The options as (colour, tone) pairs; exactly one matches both cues."""
-    combos = list(itertools.product(spec.colours, spec.tones))
-    if not spec.shuffle_options and spec.num_options == len(combos):
-        return combos
-    # the right pair, a pair sharing only the colour, one sharing only the tone
-    same_colour = [(c, t) for c, t in combos if c == colour and t != tone]
-    same_tone = [(c, t) for c, t in combos if t == tone and c != colour]
-    chosen = [(colour, tone)]
-    for pool in (same_colour, same_tone):
-        if pool and len(chosen) < spec.num_options:
-            chosen.append(pool[rng.integers(len(pool))])
-    # then pairs sharing neither cue, so each medium alone still leaves two candidates
-    neither = [(c, t) for c, t in combos if c != colour and t != tone]
-    rest = [p for p in combos if p not in chosen and p not in neither]
-    for pool in (neither, rest):
-        order = rng.permutation(len(pool))
-        chosen += [pool[i] for i in order[: spec.num_options - len(chosen)]]
-    if spec.shuffle_options:
-        chosen = [chosen[i] for i in rng.permutation(len(chosen))]
-    else:
-        chosen.sort(key=combos.index)
-    return chosen
+    return choose_pairs(colour, tone, spec.colours, spec.tones, spec, rng)
 
 
 def draw_image(colour: str, size: int, rng: np.random.Generator, scale: tuple[float, float] = (0.4, 0.7)) -> Image.Image:
@@ -118,49 +74,104 @@ def draw_image(colour: str, size: int, rng: np.random.Generator, scale: tuple[fl
     return img
 
 
-def make_tone(tone: str, spec: SynthSpec, rng: np.random.Generator) -> np.ndarray:
-    n = int(spec.audio_seconds * spec.sample_rate)
-    t = np.arange(n) / spec.sample_rate
-    freq = TONES_HZ[tone] * rng.uniform(0.95, 1.05)
-    wave = 0.5 * np.sin(2 * np.pi * freq * t + rng.uniform(0, 2 * np.pi))
-    # the tone sounds for most of the clip, with a random start and short fades
-    start = int(rng.uniform(0.0, 0.2) * n)
-    stop = int(rng.uniform(0.8, 1.0) * n)
-    envelope = np.zeros(n)
-    envelope[start:stop] = 1.0
-    fade = max(1, int(0.01 * spec.sample_rate))
-    envelope[start : start + fade] *= np.linspace(0, 1, min(fade, stop - start))
-    noise = rng.normal(0.0, 0.01, size=n)
-    return (wave * envelope + noise).astype(np.float32)
+def image_audio_question(name: str, split_dir: Path, spec: SynthSpec, rng: np.random.Generator) -> Question:
+    colour = spec.colours[rng.integers(len(spec.colours))]
+    tone = spec.tones[rng.integers(len(spec.tones))]
+    options = choose_options(colour, tone, spec, rng)
+    image, image_rel = media_file(split_dir, "images", f"{name}.jpg")
+    audio, audio_rel = media_file(split_dir, "audios", f"{name}.wav")
+    draw_image(colour, spec.image_size, rng, spec.shape_scale).save(image, quality=92)
+    sf.write(audio, make_tone(tone, spec, rng), spec.sample_rate, subtype="PCM_16")
+    return Question("image_audio", QUESTION, [option_text(c, t) for c, t in options],
+                    options.index((colour, tone)), {"image": image_rel, "audio": audio_rel})
 
 
-def synth_split(out_dir: Path, split: str, count: int, *, seed: int, spec: SynthSpec, id_offset: int = 0) -> Path:
-    """Write one split (``train`` or ``valid``) and return its JSON file."""
+def image_question(name: str, split_dir: Path, spec: SynthSpec, rng: np.random.Generator) -> Question:
+    colour = spec.colours[rng.integers(len(spec.colours))]
+    options = choose_single(colour, spec.colours, spec, rng)
+    image, rel = media_file(split_dir, "images", f"{name}.jpg")
+    draw_image(colour, spec.image_size, rng, spec.shape_scale).save(image, quality=92)
+    return Question("image", QUESTIONS["image"], [f"a {c} shape" for c in options], options.index(colour), {"image": rel})
+
+
+def audio_question(name: str, split_dir: Path, spec: SynthSpec, rng: np.random.Generator) -> Question:
+    tone = spec.tones[rng.integers(len(spec.tones))]
+    options = choose_single(tone, spec.tones, spec, rng)
+    audio, rel = media_file(split_dir, "audios", f"{name}.wav")
+    sf.write(audio, make_tone(tone, spec, rng), spec.sample_rate, subtype="PCM_16")
+    return Question("audio", QUESTIONS["audio"], [f"a {t} tone" for t in options], options.index(tone), {"audio": rel})
+
+
+def text_question(name: str, split_dir: Path, spec: SynthSpec, rng: np.random.Generator) -> Question:
+    # the answer is stated in the question: learnable from the words alone, no media
+    colour = spec.colours[rng.integers(len(spec.colours))]
+    options = choose_single(colour, spec.colours, spec, rng)
+    return Question("text", QUESTIONS["text"].format(colour=colour), [f"a {c} ball" for c in options],
+                    options.index(colour), {})
+
+
+def question_makers() -> dict[str, Callable[[str, Path, SynthSpec, np.random.Generator], Question]]:
+    """data_type → the function that writes one question's media and returns the question."""
+    return {
+        "image_audio": image_audio_question,
+        "video_audio": video_audio_question,
+        "video": video_question,
+        "audio": audio_question,
+        "image": image_question,
+        "text": text_question,
+    }
+
+
+def synth_split(
+    out_dir: Path,
+    split: str,
+    count: int,
+    *,
+    seed: int,
+    spec: SynthSpec,
+    id_offset: int = 0,
+    kind: str = "image_audio",
+    types: Sequence[str] = DATA_TYPES,
+) -> Path:
+    """Write one split (``train`` or ``valid``) of ``kind`` (a data_type or "mixed"); return its JSON file.
+
+    ``mixed`` cycles through ``types`` (default all six data types), each block of them in a seeded
+    order, so every type is present in any set of ``len(types)`` or more questions.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown kind {kind!r}; one of {', '.join(KINDS)}")
+    unknown = [t for t in types if t not in DATA_TYPES]
+    if unknown or not types:
+        raise ValueError(f"types to mix: {list(types)}; each one of {', '.join(DATA_TYPES)}, at least one")
     split_dir = out_dir / split
-    (split_dir / "images").mkdir(parents=True, exist_ok=True)
-    (split_dir / "audios").mkdir(parents=True, exist_ok=True)
+    split_dir.mkdir(parents=True, exist_ok=True)
+    if kind == "image_audio":  # the layout's folders even for an empty split, as before
+        (split_dir / "images").mkdir(exist_ok=True)
+        (split_dir / "audios").mkdir(exist_ok=True)
     rng = np.random.default_rng([seed, 0 if split == "train" else 1])
-    records = []
+    makers = question_makers()
+    records: list[dict[str, Any]] = []
+    block: list[str] = []
     for i in tqdm(range(count), desc=f"synth {split}", unit="q", disable=count < 200):
-        colour = spec.colours[rng.integers(len(spec.colours))]
-        tone = spec.tones[rng.integers(len(spec.tones))]
-        options = choose_options(colour, tone, spec, rng)
-        gold = LETTERS[options.index((colour, tone))]
-        name = f"{split}_{i:06d}"
-        draw_image(colour, spec.image_size, rng, spec.shape_scale).save(split_dir / "images" / f"{name}.jpg", quality=92)
-        sf.write(split_dir / "audios" / f"{name}.wav", make_tone(tone, spec, rng), spec.sample_rate, subtype="PCM_16")
-        records.append(
-            {
-                "problem_id": id_offset + i,
-                "problem": QUESTION,
-                "data_type": "image_audio",
-                "problem_type": "multiple choice",
-                "options": [f"{LETTERS[k]}. {option_text(c, t)}" for k, (c, t) in enumerate(options)],
-                "solution": f"<answer>{gold}</answer>",
-                "path": {"image": f"images/{name}.jpg", "audio": f"audios/{name}.wav"},
-                "data_source": "synthetic",
-            }
-        )
+        if kind == "mixed":
+            if not block:
+                block = [types[j] for j in rng.permutation(len(types))]
+            data_type = block.pop(0)
+        else:
+            data_type = kind
+        q = makers[data_type](f"{split}_{i:06d}", split_dir, spec, rng)
+        record: dict[str, Any] = {
+            "problem_id": id_offset + i,
+            "problem": q.problem,
+            "data_type": q.data_type,
+            "problem_type": "multiple choice",
+            "options": [f"{LETTERS[k]}. {text}" for k, text in enumerate(q.options)],
+            "solution": f"<answer>{LETTERS[q.gold]}</answer>",
+        }
+        if q.path:  # text questions carry no `path`
+            record["path"] = q.path
+        record["data_source"] = "synthetic"
+        records.append(record)
     json_path = split_dir / f"omni_rl_format_{split}.json"
     json_path.write_text(json.dumps(records, indent=1) + "\n", encoding="utf-8")
     return json_path
@@ -174,13 +185,18 @@ def synth_dataset(
     seed: int = 0,
     spec: SynthSpec | None = None,
     splits: Sequence[str] = ("train", "valid"),
+    kind: str = "image_audio",
+    types: Sequence[str] = DATA_TYPES,
 ) -> dict[str, Path]:
-    """Write the train and valid splits; returns each split's JSON file."""
+    """Write the train and valid splits of ``kind`` (see :data:`KINDS`; ``types``: what ``mixed``
+    mixes); returns each split's JSON file."""
     spec = spec or SynthSpec()
     out = Path(out_dir)
     counts = {"train": train, "valid": val}
     paths = {}
     for split in splits:
         offset = 0 if split == "train" else 1_000_000
-        paths[split] = synth_split(out, split, counts[split], seed=seed, spec=spec, id_offset=offset)
+        paths[split] = synth_split(
+            out, split, counts[split], seed=seed, spec=spec, id_offset=offset, kind=kind, types=types
+        )
     return paths

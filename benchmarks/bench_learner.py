@@ -125,6 +125,7 @@ def bare_step(settings: Any, experiences: Sequence[Any], steps: int, profile: bo
 
     from learner.worker import build_thinker
     from omni.inputs import (
+        add_positions,
         collate,
         encode_prompt,
         keep_last_positions,
@@ -179,7 +180,7 @@ def bare_step(settings: Any, experiences: Sequence[Any], steps: int, profile: bo
                 for e in micro:
                     if e.record.id not in cache:
                         prompt = prepare_prompt(e.record, processor, media=settings.media, system_prompt=settings.system_prompt)
-                        cache[e.record.id] = encode_prompt(processor, prompt)
+                        cache[e.record.id] = add_positions(model, encode_prompt(processor, prompt))
                 batch = collate([cache[e.record.id] for e in micro], [e.completion_ids for e in micro],
                                 pad_id=pad_id, eos_ids=eos_ids, forbidden_ids=media_ids).to(device, float_dtype=dtype)
             prepared += time.perf_counter() - t

@@ -40,6 +40,7 @@ def main() -> None:
 
     from avqa import load_records
     from omni.inputs import (
+        add_positions,
         collate,
         collate_shared,
         completion_logprobs,
@@ -65,7 +66,7 @@ def main() -> None:
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     records = load_records(data / "train" / "omni_rl_format_train.json")[: args.questions]
-    features = [encode_prompt(processor, prepare_prompt(r, processor)) for r in records]
+    features = [add_positions(model, encode_prompt(processor, prepare_prompt(r, processor))) for r in records]
     tok = processor.tokenizer
     end = tok.convert_tokens_to_ids("<|im_end|>")
     words = tok.encode("<think>let me match the colour and the tone</think><answer>A B C D</answer>")

@@ -2,7 +2,7 @@
 # One device call's work on a GPU machine (the `device` tool), after the wheel kit was staged:
 #   bash benchmarks/gpu_session.sh install smoke sync rollout      (any stages, in order)
 # Stages: install (kit → /tmp/site), smoke (echoink train, ZeRO-2 then ZeRO-3), sync, rollout,
-# learner7b, learner2b, async, colocated3b, colocated7b. Logs and JSON records go to $OUT; a short table is printed last.
+# learner7b, learner2b, async, colocated3b, colocated7b, everyinput. Logs and JSON records go to $OUT; a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/echoink-out} PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
@@ -36,6 +36,7 @@ for stage in "$@"; do
     learner2b) run learner2b $PY benchmarks/bench_learner.py --layout 2b --ranks 1 ;;
     async) run async $PY benchmarks/bench_async.py --layout 2b ;;
     colocated3b) run colocated3b $PY benchmarks/bench_colocated.py --layout 3b --steps 4 ;;
+    everyinput) run everyinput $PY benchmarks/bench_every_input.py --layout 2b ;;
     colocated7b) run colocated7b $PY benchmarks/bench_colocated.py --layout 7b --config configs/omni7b_1gpu.yaml --steps 4 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

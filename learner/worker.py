@@ -30,6 +30,7 @@ from omni.handoff import Channel, Stager, send_over
 from omni.inputs import (
     ModelBatch,
     PromptFeatures,
+    add_positions,
     collate,
     collate_shared,
     completion_logprobs,
@@ -37,6 +38,7 @@ from omni.inputs import (
     load_processor,
     media_token_ids,
     prepare_prompt,
+    unused_tower_term,
 )
 from omni.names import (
     head_is_tied,
@@ -344,7 +346,7 @@ class LearnerWorker:
                 prompt = prepare_prompt(
                     exp.record, self.processor, media=self.settings.media, system_prompt=self.settings.system_prompt
                 )
-                cache[key] = encode_prompt(self.processor, prompt)
+                cache[key] = add_positions(self.engine.module, encode_prompt(self.processor, prompt))
             out.append(cache[key])
         return out
 
@@ -432,6 +434,9 @@ class LearnerWorker:
                 norm=norm,
                 loss=s.policy_loss,
             )
+            idle = unused_tower_term(self.engine.module, batch.inputs) if self.world_size > 1 else None
+            if idle is not None:  # zero: keeps every rank's gradient reduction the same in mixed batches
+                loss = loss + idle
             if s.entropy_coef > 0:  # an entropy bonus: −c · H, aggregated like the loss
                 loss = loss - s.entropy_coef * aggregate(entropy[0], mask, s.loss_agg, norm)
             parts["entropy"] += float((entropy[0].detach() * mask).sum())
@@ -633,17 +638,17 @@ class LearnerWorker:
     def ping(self) -> int:
         return self.rank
 
-
-def safe_torch_load(path: str, map_location: Any = None) -> Any:
-    """torch.load with weights_only=True, admitting the three plain-data DeepSpeed types that its
-    optimizer states hold; anything else in the file is refused, not executed."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
     def __repr__(self) -> str:
         """What Ray's dashboard shows for this actor (omni.actorrepr: taken once it has started)."""
         from omni.actorrepr import actor_repr
 
         return actor_repr(f"learner rank {self.rank}/{self.world_size}", f"step {self.steps_done}")
 
+
+def safe_torch_load(path: str, map_location: Any = None) -> Any:
+    """torch.load with weights_only=True, admitting the three plain-data DeepSpeed types that its
+    optimizer states hold; anything else in the file is refused, not executed."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 

@@ -25,22 +25,80 @@ class MediaSettings:
     max_pixels: int = avqa.MAX_PIXELS
     max_audio_seconds: float = avqa.MAX_AUDIO_SECONDS
     sample_rate: int = avqa.SAMPLE_RATE
+    video_fps: float = avqa.VIDEO_FPS
+    max_video_frames: int = avqa.MAX_VIDEO_FRAMES
+    video_min_pixels: int = avqa.VIDEO_MIN_PIXELS  # per frame
+    video_max_pixels: int = avqa.VIDEO_MAX_PIXELS  # per frame
+
+
+TEMPORAL_PATCH = 2  # frames per temporal patch of Qwen2.5-Omni's vision tower
 
 
 @dataclass
 class Prompt:
-    """One question as the model sees it: chat text with placeholders, one image, one clip."""
+    """One question as the model sees it: chat text with placeholders and the media it reads.
+
+    A medium is None where the record's data_type has none. ``audio`` of a video_audio record is the
+    video's own sound track (``use_audio_in_video``: the processor interleaves its tokens with the
+    frames' in time, and both sides compute the positions from that flag).
+    """
 
     record_id: str
     text: str
-    image: Image.Image
-    audio: np.ndarray
-    sample_rate: int
+    image: Image.Image | None = None
+    audio: np.ndarray | None = None
+    sample_rate: int = avqa.SAMPLE_RATE
+    video: np.ndarray | None = None  # uint8 [T, H, W, 3], sampled at video_fps
+    video_fps: float = avqa.VIDEO_FPS
+    use_audio_in_video: bool = False
+    video_pixels: tuple[int, int] = (avqa.VIDEO_MIN_PIXELS, avqa.VIDEO_MAX_PIXELS)
+
+    def processor_kwargs(self) -> dict[str, Any]:
+        """The processor arguments beyond the media, the same for vLLM's processor and the learner's.
+
+        The video processor's own defaults would resize frames to at least 128·28² pixels and could
+        resample them: the frames were already sampled and sized by `avqa.load_video`, so the same
+        limits make its resize the identity, and ``fps`` gives the time axis (seconds per frame pair).
+        """
+        if self.video is None:
+            return {}
+        low, high = self.video_pixels
+        return {
+            "use_audio_in_video": self.use_audio_in_video,
+            "fps": self.video_fps,
+            "do_sample_frames": False,
+            "size": {"shortest_edge": low, "longest_edge": high},
+            "cap_pixels_per_frame": False,  # no total-video budget beyond max_video_frames
+        }
 
     def vllm_input(self) -> dict[str, Any]:
+        data: dict[str, Any] = {}
+        if self.image is not None:
+            data["image"] = self.image
+        if self.video is not None:
+            data["video"] = self.video
+        if self.audio is not None:
+            data["audio"] = (self.audio, self.sample_rate)
+        out: dict[str, Any] = {"prompt": self.text}
+        if data:
+            out["multi_modal_data"] = data
+        kwargs = self.processor_kwargs()
+        if self.use_audio_in_video:
+            # vLLM (0.32) interleaves a video's frames with its sound by the seconds per frame pair
+            # given here, and takes 1.0 where none is given (what 2 fps gives): at any other rate
+            # its prompt tokens would differ from the processor's. transformers ignores the key.
+            kwargs["second_per_grid_ts"] = [TEMPORAL_PATCH / self.video_fps]
+        if kwargs:
+            out["mm_processor_kwargs"] = kwargs
+        return out
+
+    @property
+    def media_counts(self) -> dict[str, int]:
+        """How many of each medium the prompt holds (what an engine's per-prompt limits must allow)."""
         return {
-            "prompt": self.text,
-            "multi_modal_data": {"image": self.image, "audio": (self.audio, self.sample_rate)},
+            "image": int(self.image is not None),
+            "video": int(self.video is not None),
+            "audio": int(self.audio is not None),
         }
 
 
@@ -85,49 +143,122 @@ def prepare_prompt(
     system_prompt: str | None = None,
     image: Image.Image | None = None,
     audio: np.ndarray | None = None,
+    video: np.ndarray | None = None,
 ) -> Prompt:
-    """Load (or take) the record's media with the run's limits and render the chat text."""
-    if image is None:
-        image = avqa.load_image(
-            record.image_path, min_pixels=media.min_pixels, max_pixels=media.max_pixels
-        )
-    else:
-        image = avqa.prepare_image(image, min_pixels=media.min_pixels, max_pixels=media.max_pixels)
-    if audio is None:
-        audio = avqa.load_audio(
-            record.audio_path, sample_rate=media.sample_rate, max_seconds=media.max_audio_seconds
-        )
-    messages = avqa.build_messages(record, image=image, audio=audio, system_prompt=system_prompt)
+    """Load (or take) the media the record's data_type reads, with the run's limits, and render the
+    chat text. ``image`` / ``audio`` / ``video`` replace a medium the record has (ablations); for a
+    video_audio record ``audio`` replaces the video's sound track."""
+    reads = record.modalities
+    for name, given in (("image", image), ("audio", audio), ("video", video)):
+        if given is not None and name not in reads:
+            raise ValueError(f"record {record.id!r} ({record.data_type}) has no {name} to replace")
+    if "image" in reads:
+        if image is None:
+            image = avqa.load_image(record.image_path, min_pixels=media.min_pixels, max_pixels=media.max_pixels)
+        else:
+            image = avqa.prepare_image(image, min_pixels=media.min_pixels, max_pixels=media.max_pixels)
+    fps = media.video_fps
+    if "video" in reads:
+        limits = dict(min_pixels=media.video_min_pixels, max_pixels=media.video_max_pixels)
+        needs_track = record.data_type == "video_audio" and audio is None
+        if video is None or needs_track:
+            clip = avqa.load_video(
+                record.video_path,
+                fps=media.video_fps,
+                max_frames=media.max_video_frames,
+                with_audio=needs_track,
+                sample_rate=media.sample_rate,
+                max_audio_seconds=media.max_audio_seconds,
+                **limits,
+            )
+            fps = clip.fps
+            if needs_track:
+                audio = clip.audio
+            if video is None:
+                video = clip.frames
+        if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
+            raise ValueError(f"record {record.id!r}: a video is uint8 frames [T, H, W, 3], got {video.dtype} {video.shape}")
+    elif "audio" in reads and audio is None:
+        audio = avqa.load_audio(record.audio_path, sample_rate=media.sample_rate, max_seconds=media.max_audio_seconds)
+    messages = avqa.build_messages(record, image=image, audio=audio, video=video, system_prompt=system_prompt)
     text = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return Prompt(record.id, text, image, np.asarray(audio, dtype=np.float32), media.sample_rate)
+    return Prompt(
+        record.id,
+        text,
+        image=image,
+        audio=None if audio is None else np.asarray(audio, dtype=np.float32),
+        sample_rate=media.sample_rate,
+        video=video,
+        video_fps=fps,
+        use_audio_in_video=record.data_type == "video_audio",
+        video_pixels=(media.video_min_pixels, media.video_max_pixels),
+    )
+
+
+# What the thinker's forward takes for each medium (None where a prompt has none of it)
+IMAGE_KEYS = ("pixel_values", "image_grid_thw")
+VIDEO_KEYS = ("pixel_values_videos", "video_grid_thw")
+AUDIO_KEYS = ("input_features", "feature_attention_mask")
 
 
 @dataclass
 class PromptFeatures:
-    """The processor's output for one prompt."""
+    """The processor's output for one prompt, and its multimodal rotary positions."""
 
     input_ids: torch.Tensor  # [P]
-    pixel_values: torch.Tensor  # [patches, dim]
-    image_grid_thw: torch.Tensor  # [1, 3]
-    input_features: torch.Tensor  # [1, mel, frames]
-    feature_attention_mask: torch.Tensor  # [1, frames]
+    pixel_values: torch.Tensor | None = None  # [patches, dim]
+    image_grid_thw: torch.Tensor | None = None  # [1, 3]
+    input_features: torch.Tensor | None = None  # [1, mel, frames]
+    feature_attention_mask: torch.Tensor | None = None  # [1, frames]
+    pixel_values_videos: torch.Tensor | None = None  # [patches, dim]
+    video_grid_thw: torch.Tensor | None = None  # [1, 3]
+    video_second_per_grid: torch.Tensor | None = None  # [1]
+    use_audio_in_video: bool = False
+    # [3, P]: set by add_positions. Each prompt gets its own: one batch may mix prompts with and
+    # without use_audio_in_video, which the thinker's batch-wide rope index cannot express
+    positions: torch.Tensor | None = None
 
 
 def encode_prompt(processor: Any, prompt: Prompt) -> PromptFeatures:
     out = processor(
         text=[prompt.text],
-        images=[prompt.image],
-        audio=[prompt.audio],
+        images=None if prompt.image is None else [prompt.image],
+        videos=None if prompt.video is None else [prompt.video],
+        audio=None if prompt.audio is None else [prompt.audio],
         return_tensors="pt",
         padding=False,
+        **prompt.processor_kwargs(),
     )
+    second = out.get("video_second_per_grid")
     return PromptFeatures(
         input_ids=out["input_ids"][0],
-        pixel_values=out["pixel_values"],
-        image_grid_thw=out["image_grid_thw"],
-        input_features=out["input_features"],
-        feature_attention_mask=out["feature_attention_mask"],
+        pixel_values=out.get("pixel_values"),
+        image_grid_thw=out.get("image_grid_thw"),
+        input_features=out.get("input_features"),
+        feature_attention_mask=out.get("feature_attention_mask"),
+        pixel_values_videos=out.get("pixel_values_videos"),
+        video_grid_thw=out.get("video_grid_thw"),
+        video_second_per_grid=None if second is None else torch.as_tensor(second, dtype=torch.float32).reshape(-1),
+        use_audio_in_video=prompt.use_audio_in_video,
     )
+
+
+def add_positions(thinker: Any, features: PromptFeatures) -> PromptFeatures:
+    """Set ``features.positions`` from the thinker's own rope index for this one prompt (its config
+    decides the time scale; no weights are read, so a ZeRO-3 partitioned thinker works)."""
+    ids = features.input_ids.unsqueeze(0)
+    audio_lengths = None if features.feature_attention_mask is None else features.feature_attention_mask.sum(dim=1)
+    positions, _ = thinker.get_rope_index(
+        ids,
+        features.image_grid_thw,
+        features.video_grid_thw,
+        torch.ones_like(ids),
+        features.use_audio_in_video,
+        audio_lengths,
+        features.video_second_per_grid,
+    )
+    features.positions = positions[:, 0, :].to(torch.long)
+    return features
 
 
 def completion_mask(completion_ids: Sequence[int], eos_ids: Sequence[int]) -> list[int]:
@@ -147,7 +278,7 @@ class ModelBatch:
     """Prompt + completion sequences: prompts left-padded, completions right-padded, so every
     completion starts at the same column and its log-probs come from the last ``C + 1`` positions."""
 
-    inputs: dict[str, torch.Tensor]  # what the thinker's forward takes
+    inputs: dict[str, torch.Tensor]  # what the thinker's forward takes, position_ids included
     completion_ids: torch.Tensor  # [B, C]
     completion_mask: torch.Tensor  # [B, C], float
     # shared prompts (collate_shared): ``inputs`` holds each distinct prompt once, row r of the
@@ -193,12 +324,13 @@ def collate(
         raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
     if not prompts:
         raise ValueError("empty batch")
-    prompt_ids, prompt_attention = _pad_prompts(prompts, pad_id)
+    prompt_ids, prompt_attention, prompt_positions = _pad_prompts(prompts, pad_id)
     comp_ids, comp_mask = _pad_completions(completions, pad_id, eos_ids, forbidden_ids)
     # tokens after the first end-of-turn are not attended either: they are not part of the turn
     inputs = {
         "input_ids": torch.cat([prompt_ids, comp_ids], dim=1),
         "attention_mask": torch.cat([prompt_attention, comp_mask.long()], dim=1),
+        "position_ids": torch.cat([prompt_positions, continuation_positions(prompts, comp_ids.shape[1])], dim=2),
         **_media_inputs(prompts),
     }
     return ModelBatch(inputs, comp_ids, comp_mask)
@@ -229,23 +361,42 @@ def collate_shared(
         if key not in index:
             index[key] = len(unique)
             unique.append(prompt)
-    prompt_ids, prompt_attention = _pad_prompts(unique, pad_id)
+    prompt_ids, prompt_attention, prompt_positions = _pad_prompts(unique, pad_id)
     comp_ids, comp_mask = _pad_completions(completions, pad_id, eos_ids, forbidden_ids)
-    inputs = {"input_ids": prompt_ids, "attention_mask": prompt_attention, **_media_inputs(unique)}
+    inputs = {
+        "input_ids": prompt_ids,
+        "attention_mask": prompt_attention,
+        "position_ids": prompt_positions,
+        **_media_inputs(unique),
+    }
     rows = torch.tensor([index[key] for key in keys], dtype=torch.long)
     return ModelBatch(inputs, comp_ids, comp_mask, rows)
 
 
-def _pad_prompts(prompts: Sequence[PromptFeatures], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded prompt ids and their attention mask, [N, P]: every prompt ends in the last column."""
+def _pad_prompts(prompts: Sequence[PromptFeatures], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Left-padded prompt ids, their attention mask [N, P] and positions [3, N, P]: every prompt
+    ends in the last column. Padding gets position 1, as the thinker's own rope index gives it."""
+    missing = [i for i, p in enumerate(prompts) if p.positions is None]
+    if missing:
+        raise ValueError(f"prompt features {missing} have no positions: call omni.inputs.add_positions(thinker, features)")
     p_max = max(p.input_ids.numel() for p in prompts)
     ids = torch.full((len(prompts), p_max), pad_id, dtype=torch.long)
     attention = torch.zeros((len(prompts), p_max), dtype=torch.long)
+    positions = torch.ones((3, len(prompts), p_max), dtype=torch.long)
     for row, prompt in enumerate(prompts):
         p = prompt.input_ids.numel()
         ids[row, p_max - p :] = prompt.input_ids
         attention[row, p_max - p :] = 1
-    return ids, attention
+        positions[:, row, p_max - p :] = prompt.positions
+    return ids, attention, positions
+
+
+def continuation_positions(prompts: Sequence[PromptFeatures], length: int) -> torch.Tensor:
+    """[3, N, length]: text after prompt n sits 1, 2, … past its largest position on all three axes
+    (what the thinker's generation does with its rope deltas, and so what vLLM sampled with)."""
+    start = torch.stack([p.positions.max() for p in prompts]) + 1  # type: ignore[union-attr]
+    steps = torch.arange(length, dtype=torch.long)
+    return (start[:, None] + steps[None, :]).unsqueeze(0).expand(3, -1, -1).contiguous()
 
 
 def _pad_completions(
@@ -267,13 +418,43 @@ def _pad_completions(
 
 
 def _media_inputs(prompts: Sequence[PromptFeatures]) -> dict[str, torch.Tensor]:
-    """The prompts' image and audio tensors, concatenated in row order (what the thinker's forward takes)."""
-    return {
-        "pixel_values": torch.cat([p.pixel_values for p in prompts], dim=0),
-        "image_grid_thw": torch.cat([p.image_grid_thw for p in prompts], dim=0),
-        "input_features": torch.cat([p.input_features for p in prompts], dim=0),
-        "feature_attention_mask": torch.cat([p.feature_attention_mask for p in prompts], dim=0),
-    }
+    """The prompts' image, video and audio tensors, concatenated in row order (the thinker scatters
+    each medium's features into its placeholders in that order); a medium no prompt has is left out."""
+    out: dict[str, torch.Tensor] = {}
+    for key in (*IMAGE_KEYS, *VIDEO_KEYS, *AUDIO_KEYS):
+        parts = [getattr(p, key) for p in prompts if getattr(p, key) is not None]
+        if parts:
+            out[key] = torch.cat(parts, dim=0)
+    return out
+
+
+def unused_tower_term(thinker: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """0 × a minimal pass through each encoder tower that ``inputs`` leave unused, or None.
+
+    In a mixed batch one rank's micro-batch may hold no picture or video (the vision tower idles)
+    or no sound (the audio tower idles) while another rank's does: their gradient reductions then
+    cover different parameters, and the collective fails (gloo: "Received data size doesn't match
+    expected size"). Added to the loss, this term gives every tower a gradient on every rank —
+    exactly zero, so the update is unchanged.
+    """
+    parts = []
+    weight = next(thinker.parameters())
+    like = dict(device=inputs["input_ids"].device, dtype=weight.dtype if weight.is_floating_point() else torch.float32)
+    if "pixel_values" not in inputs and "pixel_values_videos" not in inputs:
+        vc = thinker.config.vision_config
+        merge = int(vc.spatial_merge_size)
+        pixels = torch.zeros(merge * merge, vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, **like)
+        grid = torch.tensor([[1, merge, merge]], device=like["device"])  # one merged token's patches
+        out = thinker.get_image_features(pixels, grid, return_dict=True).pooler_output
+        parts.append(sum(o.sum() for o in out))
+    if "input_features" not in inputs:
+        frames = 2 * int(thinker.config.audio_config.n_window)  # one window of the audio tower
+        features = torch.zeros(1, thinker.config.audio_config.num_mel_bins, frames, **like)
+        mask = torch.ones(1, frames, dtype=torch.long, device=like["device"])
+        parts.append(thinker.get_audio_features(features, mask, return_dict=True).last_hidden_state.sum())
+    if not parts:
+        return None
+    return 0.0 * sum(parts).float()
 
 
 class keep_last_positions:
@@ -370,20 +551,17 @@ def _shared_prompt_logits(model: Any, batch: ModelBatch, head: torch.nn.Module) 
     for layer in thinker.model.layers:
         layer._can_checkpoint_with_cache = True  # safe with the two caches below, see their docstrings
     inputs = batch.inputs
-    audio_lengths = inputs["feature_attention_mask"].sum(dim=1)
-    positions, _ = thinker.get_rope_index(
-        inputs["input_ids"], inputs["image_grid_thw"], None, inputs["attention_mask"], False, audio_lengths, None
-    )
+    positions = inputs["position_ids"]
     recorder = PromptRecorder(config=thinker.config.get_text_config())
     with keep_last_positions(head, 1):
         # use_cache=False: the layers use the cache object passed in either way; nothing is returned
-        first = model(**inputs, position_ids=positions, past_key_values=recorder, use_cache=False).logits  # [K, 1, V]
+        first = model(**inputs, past_key_values=recorder, use_cache=False).logits  # [K, 1, V]
     rows = batch.prompt_rows
     if batch.completion_len == 1:
         return first[rows]
     prefix = ReadOnlyPrefix([(k[rows], v[rows]) for k, v in recorder.ordered()])  # K prompts → B rows
     c = batch.completion_len
-    start = positions[:, :, -1].max(dim=0).values[rows] + 1  # [B]: left padding puts the last token last
+    start = positions.amax(dim=(0, 2))[rows] + 1  # [B]: as continuation_positions
     steps = torch.arange(c - 1, device=start.device)
     completion_positions = (start[:, None] + steps[None, :]).unsqueeze(0).expand(3, -1, -1)
     attention = torch.cat([inputs["attention_mask"][rows], batch.completion_mask[:, :-1].long()], dim=1)

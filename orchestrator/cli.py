@@ -28,7 +28,10 @@ def _data_synth(args: argparse.Namespace) -> int:
     }
     base = DEMO_SPEC if args.demo else SynthSpec()
     spec = dataclasses.replace(base, **{k: v for k, v in given.items() if v is not None})
-    paths = synth_dataset(args.out, train=args.train, val=args.val, seed=args.seed, spec=spec)
+    mixing = {"types": tuple(args.types.split(","))} if args.types else {}
+    if mixing and args.kind != "mixed":
+        raise SystemExit("echoink data synth: --types chooses what --kind mixed mixes")
+    paths = synth_dataset(args.out, train=args.train, val=args.val, seed=args.seed, spec=spec, kind=args.kind, **mixing)
     for split, path in paths.items():
         print(f"{split}: {path}")
     return 0
@@ -54,18 +57,24 @@ def _data_avqa(args: argparse.Namespace) -> int:
 def _data_check(args: argparse.Namespace) -> int:
     from collections import Counter
 
-    from avqa import LoadReport, MediaError, load_audio, load_image, load_records
+    from avqa import LoadReport, MediaError, load_audio, load_image, load_records, load_video
 
     report = LoadReport()
     records = load_records(args.path, report=report)
     print(report.summary())
     letters = Counter(r.answer for r in records)
     print("gold letters: " + ", ".join(f"{k}={v}" for k, v in sorted(letters.items())))
+    types = Counter(r.data_type for r in records)
+    print("data types: " + ", ".join(f"{k}={v}" for k, v in sorted(types.items())))
     media_errors = 0
     for record in records[: args.media] if args.media >= 0 else records:
         try:
-            load_image(record.image_path)
-            load_audio(record.audio_path)
+            if record.image_path is not None:
+                load_image(record.image_path)
+            if record.audio_path is not None:
+                load_audio(record.audio_path)
+            if record.video_path is not None:  # video_audio: its sound track too
+                load_video(record.video_path, with_audio=record.data_type == "video_audio")
         except MediaError as exc:
             media_errors += 1
             print(f"  media: record {record.index} (id {record.id!r}): {exc}")
@@ -209,6 +218,13 @@ def _plot(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace) -> int:
+    from orchestrator.report import build_report
+
+    print(build_report(args.run_dir, args.out, sample_steps=args.sample_steps))
+    return 0
+
+
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", type=Path, help="YAML run config (keys override the defaults)")
     parser.add_argument(
@@ -218,13 +234,6 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
         metavar="KEY=VALUE",
         help="override one key, e.g. --set grpo.group_size=8 --set learner.lr=1e-5 (repeatable)",
     )
-def _report(args: argparse.Namespace) -> int:
-    from orchestrator.report import build_report
-
-    print(build_report(args.run_dir, args.out, sample_steps=args.sample_steps))
-    return 0
-
-
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -235,15 +244,19 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="datasets: synthesise or curate").add_subparsers(dest="data_command", required=True)
-    synth = data.add_parser("synth", help="write a synthetic audio-image question set in the AVQA-R1-6K layout")
+    synth = data.add_parser("synth", help="write a synthetic question set (audio-image by default, --kind for the others) in the AVQA-R1-6K layout")
     synth.add_argument("--out", required=True, type=Path, help="dataset folder (train/ and valid/ are written in it)")
     synth.add_argument("--train", type=int, default=256, help="training questions (default 256)")
     synth.add_argument("--val", type=int, default=64, help="validation questions (default 64)")
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--kind", default="image_audio",
+                       choices=["image_audio", "video_audio", "video", "audio", "image", "text", "mixed"],
+                       help="the data_type of every question, or mixed: all six (default image_audio)")
+    synth.add_argument("--types", help="with --kind mixed: the data types to mix, comma-separated (default all six)")
     synth.add_argument("--demo", action="store_true",
-                       help="start from `make demo`'s media (avqa.synth.DEMO_SPEC: 56 px, 1 s, shape 0.8-1.0); "
+                       help="start from `make demo`'s media (avqa.synth.DEMO_SPEC: 56 px, 1 s, shape 0.8-1.0; videos 2 s at 4 fps); "
                        "the flags below still override")
-    synth.add_argument("--image-size", type=int, help="square image side in pixels (default 112)")
+    synth.add_argument("--image-size", type=int, help="square image (and video frame) side in pixels (default 112)")
     synth.add_argument("--audio-seconds", type=float, help="clip length (default 2.0)")
     synth.add_argument("--colours", help="comma-separated colours (default red,blue)")
     synth.add_argument("--tones", help="comma-separated tones (default low,high)")
@@ -298,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     ev.add_argument("--mode", choices=["greedy", "sampled"], help="default: eval.mode of the config (fair protocol)")
     ev.add_argument("--samples", type=int, help="samples per question in sampled mode (default: eval.samples of the config, 1)")
-    ev.add_argument("--ablate", help="conditions, e.g. none,audio,image,both (audio → silence, image → grey)")
+    ev.add_argument("--ablate", help="conditions, e.g. none,audio,image,video,both (audio → silence, image and video → grey, both → every medium)")
     ev.add_argument("--limit", type=int, help="only the first N questions")
     ev.add_argument("--out", type=Path, help="output folder (default: CHECKPOINT/eval-SPLIT-MODE)")
     ev.set_defaults(func=_eval)
@@ -347,19 +360,6 @@ def build_parser() -> argparse.ArgumentParser:
     plot.add_argument("--dpi", type=int, default=100)
     plot.set_defaults(func=_plot)
 
-    model = sub.add_parser("model", help="checkpoints").add_subparsers(dest="model_command", required=True)
-    tiny = model.add_parser("tiny", help="build a random-weight Qwen2.5-Omni checkpoint offline (tiny by default)")
-    tiny.add_argument("--out", required=True, type=Path)
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--layout", default="tiny", choices=MODEL_LAYOUTS,
-                      help="tiny (CPU tests), small (GPU smoke), 2b, 3b / 7b (the released thinkers' layouts)")
-    tiny.add_argument("--config-only", action="store_true",
-                      help="no weight file: vLLM load_format=dummy / learner random_init (big layouts)")
-    tiny.set_defaults(func=_model_tiny)
-    warm = model.add_parser(
-        "warmstart",
-        help="teach a tiny checkpoint the answer format (random option letter) before GRPO",
-        description="Supervised fine-tuning on '<think>…</think><answer>X</answer>' targets whose reasoning names "
     report = sub.add_parser(
         "report",
         help="one self-contained HTML page of a run folder: curves, evaluations, before/after, samples",
@@ -373,6 +373,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="how many sampled steps to show, spread over the run (default 6; 0: all)")
     report.set_defaults(func=_report)
 
+    model = sub.add_parser("model", help="checkpoints").add_subparsers(dest="model_command", required=True)
+    tiny = model.add_parser("tiny", help="build a random-weight Qwen2.5-Omni checkpoint offline (tiny by default)")
+    tiny.add_argument("--out", required=True, type=Path)
+    tiny.add_argument("--seed", type=int, default=0)
+    tiny.add_argument("--layout", default="tiny", choices=MODEL_LAYOUTS,
+                      help="tiny (CPU tests), small (GPU smoke), 2b, 3b / 7b (the released thinkers' layouts)")
+    tiny.add_argument("--config-only", action="store_true",
+                      help="no weight file: vLLM load_format=dummy / learner random_init (big layouts)")
+    tiny.set_defaults(func=_model_tiny)
+    warm = model.add_parser(
+        "warmstart",
+        help="teach a tiny checkpoint the answer format (random option letter) before GRPO",
+        description="Supervised fine-tuning on '<think>…</think><answer>X</answer>' targets whose reasoning names "
         "no option and whose letter is drawn uniformly: after it the format reward is high and the accuracy "
         "is at chance, so GRPO's gain is visible. DeepSpeed ranks on the CPU; for tiny checkpoints.",
     )

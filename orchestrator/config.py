@@ -37,11 +37,29 @@ class MediaConfig(Section):
     max_pixels: int = Field(256 * 28 * 28, gt=0)
     max_audio_seconds: float = Field(10.0, gt=0)
     sample_rate: int = Field(16_000, gt=0)
+    video_fps: float = Field(2.0, gt=0, description="frames sampled per second of video (the model's time axis)")
+    max_video_frames: int = Field(16, ge=2, description="at most this many frames a video (an even number is kept)")
+    video_min_pixels: int = Field(4 * 28 * 28, gt=0, description="a video frame's least area after resizing")
+    video_max_pixels: int = Field(128 * 28 * 28, gt=0, description="a video frame's largest area after resizing")
+    # what one prompt may hold, per medium: the engines' limit_mm_per_prompt (0 turns a medium off,
+    # and vLLM then reserves nothing for it); a record that needs more fails alone, with its reason
+    per_prompt: Literal["auto"] | dict[Literal["image", "audio", "video"], int] = Field(
+        "auto",
+        description="media one prompt may hold, e.g. {image: 1, audio: 1, video: 0} (0 or 1 of each; the engines' "
+        "limit_mm_per_prompt); auto: one of each medium that the run's records read, none of the others",
+    )
 
     @model_validator(mode="after")
     def _order(self) -> MediaConfig:
         if self.max_pixels < self.min_pixels:
             raise ValueError(f"media.max_pixels ({self.max_pixels}) is below media.min_pixels ({self.min_pixels})")
+        if self.video_max_pixels < self.video_min_pixels:
+            raise ValueError(
+                f"media.video_max_pixels ({self.video_max_pixels}) is below media.video_min_pixels ({self.video_min_pixels})"
+            )
+        bad = {} if self.per_prompt == "auto" else {k: v for k, v in self.per_prompt.items() if not 0 <= v <= 1}
+        if bad:
+            raise ValueError(f"media.per_prompt {bad}: a prompt holds 0 or 1 of each medium")
         return self
 
 
@@ -246,7 +264,11 @@ class EvalConfig(Section):
     )
     mode: Literal["greedy", "sampled"] = "greedy"
     samples: int = Field(1, ge=1)
-    ablate: list[Literal["none", "audio", "image", "both"]] = Field(default_factory=lambda: ["none"])
+    ablate: list[Literal["none", "audio", "image", "video", "both"]] = Field(
+        default_factory=lambda: ["none"],
+        description="conditions of the final evaluation: audio → silence (a clip or a video's sound), image → grey, "
+        "video → grey frames, both → every medium; a record without that medium is left out of the condition",
+    )
 
     @model_validator(mode="after")
     def _protocol_decoding(self) -> EvalConfig:
@@ -256,6 +278,17 @@ class EvalConfig(Section):
                 "fixes its own (orchestrator/protocols.py): leave them at greedy / 1"
             )
         return self
+
+
+class LogConfig(Section):
+    samples_every: int = Field(
+        50,
+        ge=0,
+        description="at step 1 and every N steps, log.samples_per_step completions with their question, "
+        "picture, sound, rewards and advantage go to TensorBoard and RUN/samples.jsonl, their media to RUN/samples/ "
+        "(orchestrator/samples.py; echoink report shows them; 0: never)",
+    )
+    samples_per_step: int = Field(4, ge=1, description="completions logged at a sampled step (one per question first)")
 
 
 class CheckpointConfig(Section):
@@ -279,17 +312,6 @@ class RayConfig(Section):
     use_gpus: Literal["auto", "yes", "no"] = "auto"
 
     @field_validator("use_gpus", mode="before")
-class LogConfig(Section):
-    samples_every: int = Field(
-        50,
-        ge=0,
-        description="at step 1 and every N steps, log.samples_per_step completions with their question, "
-        "picture, sound, rewards and advantage go to TensorBoard and RUN/samples.jsonl, their media to RUN/samples/ "
-        "(orchestrator/samples.py; echoink report shows them; 0: never)",
-    )
-    samples_per_step: int = Field(4, ge=1, description="completions logged at a sampled step (one per question first)")
-
-
     @classmethod
     def _yaml_booleans(cls, value: Any) -> Any:
         # YAML reads a bare yes/no as a boolean
@@ -319,6 +341,7 @@ class RunConfig(Section):
     rewards: RewardConfig = Field(default_factory=RewardConfig)
     sync: SyncConfig = Field(default_factory=SyncConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    log: LogConfig = Field(default_factory=LogConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     placement: PlacementConfig = Field(default_factory=PlacementConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
@@ -340,7 +363,6 @@ class RunConfig(Section):
             return self.total_steps
         # a last partial batch counts as a step, as in the reference (4,490 questions / 8 = 562)
         return max(1, math.ceil(num_train_records * self.epochs / self.grpo.questions_per_step))
-    log: LogConfig = Field(default_factory=LogConfig)
 
 
 def check_colocation(config: RunConfig) -> None:

@@ -101,7 +101,7 @@ def run_evals(
     placement = plan_run(c, decide_gpus(c.ray.use_gpus), learner=False)
     engine_cls = ray.remote(RolloutEngine)
     engines = [
-        engine_cls.options(**opts).remote(engine_settings(c, checkpoint), i)
+        engine_cls.options(**opts).remote(engine_settings(c, checkpoint, records=records), i)
         for i, opts in enumerate(placement.engine_options)
     ]
     results = []

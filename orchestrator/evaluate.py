@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from avqa import Record, load_audio, load_image
+from avqa import Record, load_audio, load_image, load_video
 from omni.inputs import MediaSettings
 from orchestrator.evalstats import is_reflective, mean_interval, prediction, wilson_interval
 from orchestrator.protocols import Protocol, get_protocol, with_token_limit
@@ -25,7 +25,9 @@ from rewards import AccuracyMatch, accuracy_reward, format_reward
 from rollout.pool import EnginePool
 from rollout.types import SamplingSettings
 
-CONDITIONS = ("none", "audio", "image", "both")
+# none: as asked; audio: silence (the clip, or a video's own sound track); image: a grey picture;
+# video: grey frames (a video_audio record keeps its sound); both: every medium the record reads
+CONDITIONS = ("none", "audio", "image", "video", "both")
 GREY = (128, 128, 128)
 
 
@@ -79,23 +81,47 @@ class EvalSettings:
         return self.sampling
 
 
+def ablation_applies(record: Record, condition: str) -> bool:
+    """Whether ``condition`` takes something away from ``record`` (a text question has nothing to
+    silence): records it does not apply to are left out of that condition, not counted twice."""
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown ablation {condition!r}; known: {', '.join(CONDITIONS)}")
+    if condition in ("none", "both"):
+        return condition == "none" or bool(record.modalities)
+    return condition in record.modalities
+
+
 def ablated_media(record: Record, condition: str, settings: EvalSettings) -> dict[str, Any] | None:
-    """Replacement media: silence of the clip's length, a flat grey image of the image's size.
+    """Replacement media: silence of the clip's (or the sound track's) length, a flat grey image of
+    the image's size, grey frames of the video's shape.
 
     Same sizes keep the prompt's token count, so only the content of the medium changes.
     """
-    if condition == "none":
+    if condition == "none" or not ablation_applies(record, condition):
         return None
-    if condition not in CONDITIONS:
-        raise ValueError(f"unknown ablation {condition!r}; known: {', '.join(CONDITIONS)}")
+    m = settings.media
+    takes = set(record.modalities) if condition == "both" else {condition}
     out: dict[str, Any] = {}
-    if condition in ("audio", "both"):
-        m = settings.media
-        clip = load_audio(record.audio_path, sample_rate=m.sample_rate, max_seconds=m.max_audio_seconds)
+    if "video" in record.modalities and takes & {"video", "audio"}:
+        clip = load_video(
+            record.video_path,  # type: ignore[arg-type]
+            fps=m.video_fps,
+            max_frames=m.max_video_frames,
+            min_pixels=m.video_min_pixels,
+            max_pixels=m.video_max_pixels,
+            with_audio="audio" in takes,
+            sample_rate=m.sample_rate,
+            max_audio_seconds=m.max_audio_seconds,
+        )
+        if "video" in takes:
+            out["video"] = np.full_like(clip.frames, GREY[0])
+        if "audio" in takes:
+            out["audio"] = np.zeros_like(clip.audio)
+    elif "audio" in takes:
+        clip = load_audio(record.audio_path, sample_rate=m.sample_rate, max_seconds=m.max_audio_seconds)  # type: ignore[arg-type]
         out["audio"] = np.zeros_like(clip)
-    if condition in ("image", "both"):
-        m = settings.media
-        image = load_image(record.image_path, min_pixels=m.min_pixels, max_pixels=m.max_pixels)
+    if "image" in takes:
+        image = load_image(record.image_path, min_pixels=m.min_pixels, max_pixels=m.max_pixels)  # type: ignore[arg-type]
         out["image"] = Image.new("RGB", image.size, GREY)
     return out
 
@@ -171,11 +197,13 @@ def evaluate_records(
     sampling = settings.decoding()
     asked = protocol.prepare(records)  # the protocol's prompt on each record (fair: as they are)
     for condition in settings.ablate:
-        overrides = [ablated_media(r, condition, settings) for r in records] if condition != "none" else None
-        results = pool.generate(asked, n, sampling, salt=0, media_overrides=overrides)
+        keep = [i for i, r in enumerate(records) if ablation_applies(r, condition)]
+        chosen = [records[i] for i in keep]
+        overrides = [ablated_media(r, condition, settings) for r in chosen] if condition != "none" else None
+        results = pool.generate([asked[i] for i in keep], n, sampling, salt=0, media_overrides=overrides) if keep else []
         cond_rows = []
-        for record, result in zip(records, results, strict=True):
-            row: dict[str, Any] = {"id": record.id, "condition": condition, "gold": record.answer}
+        for record, result in zip(chosen, results, strict=True):
+            row: dict[str, Any] = {"id": record.id, "condition": condition, "gold": record.answer, "data_type": record.data_type}
             if not result.ok:
                 row.update(error=result.error, correct=0.0, correct_reward=0.0, correct_lenient=0.0, format_ok=0.0, prediction="")
                 cond_rows.append(row)
@@ -209,6 +237,7 @@ def evaluate_records(
         if condition == "none":
             baseline = {r["id"]: r.get("prediction", "") for r in cond_rows}
         per_condition[condition] = summarise(cond_rows, settings, baseline if condition != "none" else None)
+        per_condition[condition]["not_applicable"] = len(records) - len(keep)
         rows.extend(cond_rows)
     summary = {
         "checkpoint": checkpoint,
@@ -255,6 +284,15 @@ def summarise(rows: Sequence[dict[str, Any]], settings: EvalSettings, baseline: 
             "accuracy_reflective": float(np.mean([r["correct"] for r in reflective])) if reflective else 0.0,
             "accuracy_not_reflective": float(np.mean([r["correct"] for r in plain])) if plain else 0.0,
         },
+    }
+    types = sorted({r.get("data_type", "image_audio") for r in rows})
+    out["by_type"] = {
+        t: {
+            "questions": len(of),
+            "accuracy": float(np.mean([r["correct"] for r in of])),
+        }
+        for t in types
+        if (of := [r for r in rows if r.get("data_type", "image_audio") == t])
     }
     if baseline is not None:
         changed = [r for r in ok if r["id"] in baseline and r["prediction"] != baseline[r["id"]]]

@@ -10,10 +10,12 @@ consumed somewhere.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import avqa
 from learner.types import LearnerSettings
 from omni.inputs import MediaSettings
 from orchestrator.config import RunConfig
@@ -29,6 +31,10 @@ def media_settings(config: RunConfig) -> MediaSettings:
         max_pixels=m.max_pixels,
         max_audio_seconds=m.max_audio_seconds,
         sample_rate=m.sample_rate,
+        video_fps=m.video_fps,
+        max_video_frames=m.max_video_frames,
+        video_min_pixels=m.video_min_pixels,
+        video_max_pixels=m.video_max_pixels,
     )
 
 
@@ -44,9 +50,30 @@ def sampling_settings(config: RunConfig) -> SamplingSettings:
     )
 
 
-def engine_settings(config: RunConfig, model_path: Path | None = None, *, sleep_mode: bool = False) -> EngineSettings:
+MEDIA = ("audio", "image", "video")
+
+
+def media_per_prompt(config: RunConfig, records: Sequence[avqa.Record] | None = None) -> tuple[tuple[str, int], ...]:
+    """The engines' per-prompt media limits: ``media.per_prompt``, or with "auto" one of each medium
+    the ``records`` read (all three without records). A medium off costs vLLM nothing: it reserves
+    no encoder memory for it, and its processor cache stays on where no video can come."""
+    limits = config.media.per_prompt
+    if limits == "auto":
+        used = set(MEDIA) if records is None else {m for r in records for m in r.modalities}
+        limits = {m: int(m in used) for m in MEDIA}
+    return tuple(sorted({**dict.fromkeys(MEDIA, 0), **limits}.items()))
+
+
+def engine_settings(
+    config: RunConfig,
+    model_path: Path | None = None,
+    *,
+    sleep_mode: bool = False,
+    records: Sequence[avqa.Record] | None = None,
+) -> EngineSettings:
     """One rollout engine; ``model_path`` overrides ``config.model_path`` (a checkpoint to evaluate);
-    ``sleep_mode`` for an engine that shares its GPU with a learner rank (placement decides)."""
+    ``sleep_mode`` for an engine that shares its GPU with a learner rank (placement decides);
+    ``records``: what it will be asked (``media.per_prompt: auto`` follows their media)."""
     r = config.rollout
     return EngineSettings(
         model_path=Path(model_path or config.model_path),
@@ -59,6 +86,7 @@ def engine_settings(config: RunConfig, model_path: Path | None = None, *, sleep_
         seed=config.seed,
         load_format=r.load_format,
         media=media_settings(config),
+        media_per_prompt=media_per_prompt(config, records),
         system_prompt=config.system_prompt,
         sleep_mode=sleep_mode,
     )

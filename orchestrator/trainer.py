@@ -151,7 +151,7 @@ class Trainer:
     def _new_engine(self, index: int) -> Any:
         assert self.placement is not None
         options = self.placement.engine_start_options(index)  # named; a restart gets a new name
-        settings = engine_settings(self.config, sleep_mode=self.sleeps)
+        settings = engine_settings(self.config, sleep_mode=self.sleeps, records=[*self.train_records, *self.valid_records])
         return ray.remote(RolloutEngine).options(**options).remote(settings, index)
 
     def _restart_engines(self, dead: list[int], why: str) -> None:

@@ -37,7 +37,7 @@ def llm_kwargs(settings: EngineSettings, engine_index: int = 0, *, is_cpu: bool)
         "tensor_parallel_size": settings.tensor_parallel_size,
         "max_model_len": settings.max_model_len,
         "gpu_memory_utilization": settings.memory_share,
-        "limit_mm_per_prompt": {"image": 1, "audio": 1, "video": 0},
+        "limit_mm_per_prompt": media_limits(settings),
         "enforce_eager": settings.enforce_eager,
         "seed": settings.seed + engine_index,
         "dtype": settings.dtype,
@@ -45,6 +45,13 @@ def llm_kwargs(settings: EngineSettings, engine_index: int = 0, *, is_cpu: bool)
         # safetensors only: a .bin/.pt checkpoint would be unpickled
         "load_format": "safetensors" if settings.load_format == "auto" else settings.load_format,
     }
+    if kwargs["limit_mm_per_prompt"]["video"] > 0:
+        # vLLM (0.32) processes only the media its processor cache misses: a video with its own
+        # sound whose track is cached but whose frames are not (an ablation's grey frames, or two
+        # clips sharing one sound track) reaches the processor as a video without audio and fails
+        # the whole batch ("Video doesn't have audio track"). Without the cache every prompt is
+        # processed whole; G completions of a question are one request, so little is repeated.
+        kwargs["mm_processor_cache_gb"] = 0
     kv_bytes = settings.kv_cache_bytes
     if kv_bytes is None and is_cpu:
         # The CPU backend sizes its cache as a share of one NUMA node minus this process's
@@ -63,6 +70,32 @@ def llm_kwargs(settings: EngineSettings, engine_index: int = 0, *, is_cpu: bool)
         kwargs["enable_chunked_prefill"] = False
         kwargs["max_num_batched_tokens"] = max(settings.max_model_len, 8192)
     return kwargs
+
+
+def media_limits(settings: EngineSettings) -> dict[str, int]:
+    """Per-prompt media counts the engine accepts (every medium named, 0 where it is off)."""
+    limits = {"image": 0, "audio": 0, "video": 0}
+    limits.update(dict(settings.media_per_prompt))
+    return limits
+
+
+def over_limits(counts: dict[str, int], limits: dict[str, int]) -> str | None:
+    """Why a prompt with these media counts cannot be served, or None."""
+    over = [m for m, n in counts.items() if n > limits.get(m, 0)]
+    if not over:
+        return None
+    held = ", ".join(f"{counts[m]} {m} (the engine takes {limits.get(m, 0)})" for m in over)
+    return f"the prompt holds {held}; raise media.per_prompt.{over[0]}"
+
+
+def request_errors() -> tuple[type[Exception], ...]:
+    """What vLLM raises for a request it cannot take: ValueError, and in newer releases (0.32) its
+    own client-error class, which is not a ValueError."""
+    try:
+        from vllm.exceptions import VLLMClientError
+    except ImportError:  # vLLM 0.26 (the GPU machines)
+        return (ValueError,)
+    return (ValueError, VLLMClientError)
 
 
 def sampling_params(sampling: SamplingSettings, n: int, seed: int | None, logit_bias: dict[int, float]) -> Any:
@@ -93,6 +126,8 @@ class RolloutEngine:
 
         self.settings = settings
         self.index = engine_index
+        self.media_limits = media_limits(settings)
+        self.refusals = request_errors()
         self.is_cpu = current_platform.is_cpu()
         started = time.perf_counter()
         kwargs = llm_kwargs(settings, engine_index, is_cpu=self.is_cpu)
@@ -132,9 +167,14 @@ class RolloutEngine:
                     system_prompt=self.settings.system_prompt,
                     image=override.get("image"),
                     audio=override.get("audio"),
+                    video=override.get("video"),
                 )
             except (MediaError, ValueError, OSError) as exc:
                 results.append(RolloutResult(record.id, error=f"{type(exc).__name__}: {exc}"))
+                continue
+            refused = over_limits(prompt.media_counts, self.media_limits)
+            if refused is not None:
+                results.append(RolloutResult(record.id, error=f"MediaLimit: record {record.id} ({record.data_type}): {refused}"))
                 continue
             seed = None if sampling.seed is None else request_seed(sampling.seed, record.id, salt)
             params.append(sampling_params(sampling, n, seed, self.logit_bias))
@@ -142,12 +182,27 @@ class RolloutEngine:
             slots.append(len(results))
             results.append(RolloutResult(record.id))
         if inputs:
-            outputs = self.llm.generate(inputs, params, use_tqdm=False)
+            try:
+                outputs = self.llm.generate(inputs, params, use_tqdm=False)
+            except self.refusals:
+                # vLLM refuses a whole batch for one prompt it cannot take (longer than
+                # max_model_len, media its processor rejects): serve the others one by one
+                outputs = [self._generate_one(i, p) for i, p in zip(inputs, params, strict=True)]
             for slot, output in zip(slots, outputs, strict=True):
                 result = results[slot]
+                if isinstance(output, str):
+                    result.error = output
+                    continue
                 result.prompt_token_ids = list(output.prompt_token_ids)
                 result.completions = [completion_from_vllm(c) for c in output.outputs]
         return results
+
+    def _generate_one(self, prompt: dict[str, Any], params: Any) -> Any:
+        """One request's output, or the reason vLLM refused it."""
+        try:
+            return self.llm.generate([prompt], [params], use_tqdm=False)[0]
+        except self.refusals as exc:
+            return f"vLLM refused the prompt: {exc}"
 
     # ------------------------------------------------------------------ weights
     def init_weight_sync(self, info: GroupInfo, first_rank: int) -> list[int]:
@@ -217,6 +272,12 @@ class RolloutEngine:
     def ping(self) -> bool:
         return True
 
+    def __repr__(self) -> str:
+        """What Ray's dashboard shows for this actor (omni.actorrepr: taken once it has started)."""
+        from omni.actorrepr import actor_repr
+
+        return actor_repr(f"engine {self.index}", f"weights v{getattr(self, 'weight_version', 0)}")
+
 
 def _gpu_used_gb() -> float:
     """Memory in use on this engine's GPU by every process (the learner rank that shares it too)."""
@@ -247,9 +308,3 @@ def completion_from_vllm(output: Any) -> Completion:
         logprobs=logprobs,
         finish_reason=str(output.finish_reason or "length"),
     )
-    def __repr__(self) -> str:
-        """What Ray's dashboard shows for this actor (omni.actorrepr: taken once it has started)."""
-        from omni.actorrepr import actor_repr
-
-        return actor_repr(f"engine {self.index}", f"weights v{getattr(self, 'weight_version', 0)}")
-

@@ -56,5 +56,7 @@ class EngineSettings:
     dtype: str = "auto"
     load_format: str = "auto"  # "dummy": random weights from config.json (benchmarks)
     media: MediaSettings = MediaSettings()
+    # (medium, most per prompt): vLLM's limit_mm_per_prompt; a medium left out is allowed none
+    media_per_prompt: tuple[tuple[str, int], ...] = (("audio", 1), ("image", 1), ("video", 1))
     system_prompt: str | None = None
     sleep_mode: bool = False  # colocated on a GPU: vLLM frees its GPU memory while the learner trains

@@ -58,6 +58,50 @@ def test_loads_the_released_layout(train_json: Path) -> None:
     assert first.letters == ("A", "B", "C", "D")
 
 
+TYPE_PATHS = {
+    "image_audio": {"image": "images/0.jpg", "audio": "audios/0.wav"},
+    "video_audio": {"video": "videos/0.mp4"},
+    "video": {"video": "videos/0.mp4"},
+    "audio": {"audio": "audios/0.wav"},
+    "image": {"image": "images/0.jpg"},
+    "text": None,
+}
+
+
+def test_every_data_type_loads_with_its_media_and_round_trips(dataset) -> None:
+    root, write = dataset
+    (root / "videos").mkdir()
+    (root / "videos" / "0.mp4").write_bytes(b"not decoded here: loading checks the file exists")
+    raws = []
+    for i, (kind, paths) in enumerate(TYPE_PATHS.items()):
+        raw = {**good_record(i), "data_type": kind}
+        del raw["path"]
+        if paths is not None:
+            raw["path"] = paths
+        raws.append(raw)
+    raws.append({**good_record(9), "data_type": "text", "path": {}})  # an empty path object is no media too
+    path = write(raws)
+    records = load_records(path)
+    assert [r.data_type for r in records] == [*TYPE_PATHS, "text"]
+    by_type = {r.data_type: r for r in records[:-1]}
+    assert by_type["video_audio"].video_path == (root / "videos" / "0.mp4").resolve()
+    assert by_type["video_audio"].audio_path is None and by_type["video_audio"].image_path is None
+    assert by_type["video_audio"].modalities == ("video", "audio")  # the sound comes from the video
+    assert by_type["audio"].modalities == ("audio",) and by_type["audio"].image_path is None
+    assert by_type["text"].modalities == () and by_type["text"].media_path("video") is None
+    for record, raw in zip(records[:-1], raws, strict=False):
+        assert record.to_json(root) == raw  # the layout written is the layout read
+
+
+def test_a_record_built_in_code_obeys_its_data_type(tmp_path: Path) -> None:
+    common = dict(id="7", question="q", options=("A. x", "B. y"), answer="A")
+    with pytest.raises(ValueError, match=r"data_type 'video' needs 'video'; takes no 'image'"):
+        avqa.Record(**common, image_path=tmp_path / "a.jpg", data_type="video")
+    with pytest.raises(ValueError, match="unknown data_type 'movie'"):
+        avqa.Record(**common, data_type="movie")
+    assert avqa.Record(**common, data_type="text").modalities == ()
+
+
 def test_jsonl_and_saved_dataset_match_json(tmp_path: Path, train_json: Path) -> None:
     import datasets
 
@@ -96,7 +140,11 @@ CASES = [
     (("options",), "A. Piano", "options", "valid list"),
     (("problem",), 42, "problem", "valid string"),
     (("problem_id",), 1.5, "problem_id", ""),
-    (("data_type",), "video", "data_type", "image_audio"),
+    (("data_type",), "3d", "data_type", "image_audio"),
+    # a data_type whose media do not match the path object: the missing or extra medium is named
+    (("data_type",), "video", "path.video", "data_type 'video' needs 'video'; takes no 'audio' or 'image'"),
+    (("data_type",), "image", "path.audio", "data_type 'image' takes no 'audio' (it reads: image)"),
+    (("data_type",), "text", "path.audio", "takes no 'audio' or 'image' (it reads: no media)"),
     (("problem_type",), "free-form", "problem_type", "multiple choice"),
     (("options",), ["A. Piano"], "options", "at least 2 options"),
     (("options",), ["A. Piano", "C. Drum", "B. Violin"], "options[1]", "lettered 'B."),
@@ -109,7 +157,10 @@ CASES = [
     (("path", "audio"), "../../outside.wav", "path.audio", "outside the dataset folder"),
     (("path", "audio"), "audios/missing.wav", "path.audio", "does not exist"),
     (("path", "image"), "images", "path.image", "is not a file"),
-    (("path",), {"image": "images/1.jpg"}, "path.audio", "Field required"),
+    (("path",), {"image": "images/1.jpg"}, "path.audio", "data_type 'image_audio' needs 'audio'"),
+    (("path",), KeyError, "path.audio", "data_type 'image_audio' needs 'audio' and 'image'"),
+    (("path",), {"image": "images/1.jpg", "audio": "audios/1.wav", "video": "v.mp4"}, "path.video", "takes no 'video'"),
+    (("path", "image"), 7, "path.image", "valid string"),
     (("data_source",), KeyError, "data_source", "Field required"),
 ]
 

@@ -16,7 +16,8 @@ import pytest
 import soundfile as sf
 from PIL import Image
 
-from avqa import MediaError, RecordError, load_audio, load_image, load_records
+from avqa import MediaError, RecordError, load_audio, load_image, load_records, load_video
+from avqa.synth_video import write_clip
 from orchestrator.config import ConfigError, load_config
 
 
@@ -74,6 +75,28 @@ def symlink_out(root: Path, rec: dict) -> None:
     rec["path"]["audio"] = "audios/link.wav"
 
 
+def clip(root: Path, name: str, *, sound: bool = False, silent: bool = False) -> Path:
+    """A 1-s, 56-px clip of 4 frames with a moving bar, and a 440 Hz (or silent) track when asked."""
+    frames = np.full((4, 56, 56, 3), 200, np.uint8)
+    for i in range(4):
+        frames[i, :, 10 * i : 10 * i + 8] = (200, 30, 30)
+    wave = 0.3 * np.sin(2 * np.pi * 440 * np.arange(16000) / 16000)
+    audio = (0 * wave if silent else wave) if sound or silent else None
+    return write_clip(root / name, frames, 4.0, audio=audio)
+
+
+def damaged(root: Path, name: str, how: str) -> Path:
+    """A good clip cut in half (its index, written last in an mp4, is lost) or with garbled frames."""
+    data = bytearray(clip(root, "good.mp4").read_bytes())
+    if how == "truncated":
+        data = data[: len(data) // 2]
+    else:
+        for i in range(60, len(data) // 2, 5):  # the frames come first (from byte 44), the index last
+            data[i] = (data[i] * 31 + 7) % 256
+    (root / name).write_bytes(bytes(data))
+    return root / name
+
+
 CASES: list[tuple[str, Callable[[Path], object], type[Exception] | None, str]] = [
     # ---- records
     ("missing field", record_case(lambda r, rec: rec.pop("problem") and None), RecordError, "field 'problem': Field required"),
@@ -96,6 +119,15 @@ CASES: list[tuple[str, Callable[[Path], object], type[Exception] | None, str]] =
     ("text saved as wav", lambda r: (r / "x.wav").write_text("hello") and load_audio(r / "x.wav"), MediaError, "cannot decode audio"),
     ("decompression bomb image", lambda r: huge_png_header(r / "bomb.png", 40000, 40000) or load_image(r / "bomb.png"), MediaError, "DecompressionBomb"),
     ("silent audio", lambda r: sf.write(r / "s.wav", np.zeros(8000, np.float32), 16000) or load_audio(r / "s.wav"), MediaError, "all zeros"),
+    ("empty mp4", lambda r: (r / "e.mp4").write_bytes(b"") or load_video(r / "e.mp4"), MediaError, "file is empty"),
+    ("text saved as mp4", lambda r: (r / "x.mp4").write_text("hello") and load_video(r / "x.mp4"), MediaError, "cannot decode video: InvalidDataError"),
+    ("truncated mp4", lambda r: load_video(damaged(r, "t.mp4", "truncated")), MediaError, "cannot decode video: InvalidDataError"),
+    ("corrupt mp4 frames", lambda r: load_video(damaged(r, "c.mp4", "garbled")), MediaError, "cannot decode video: InvalidDataError"),
+    ("video_audio clip without a sound track", lambda r: load_video(clip(r, "v.mp4"), with_audio=True), MediaError,
+     "video has no audio track; data_type video_audio needs one — use data_type video"),
+    ("silent sound track", lambda r: load_video(clip(r, "s.mp4", silent=True), with_audio=True), MediaError, "audio track is all zeros"),
+    ("audio file saved as mp4", lambda r: shutil.copy(r / "audios" / "0.wav", r / "a.mp4") and load_video(r / "a.mp4"), MediaError, "file holds no video stream"),
+    ("video without sound is fine for data_type video", lambda r: load_video(clip(r, "ok.mp4")).frames.shape == (2, 56, 56, 3), None, ""),
     # ---- configs
     ("NaN in a config number", lambda r: load_config(None, ["grpo.beta=.nan"]), ConfigError, "grpo.beta"),
     ("negative size", lambda r: load_config(None, ["rollout.max_model_len=-5"]), ConfigError, "rollout.max_model_len"),

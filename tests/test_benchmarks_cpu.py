@@ -60,3 +60,19 @@ def test_bench_colocated_runs(tmp_path: Path) -> None:
     assert "loss / grad norm (last step)" in "\n".join(lines)
     record = json.loads((out / "colocated_tiny.json").read_text())
     assert record["medians"]["timing/step_s"] > 0
+
+
+def test_bench_every_input_prints_each_type_and_the_ratio(tmp_path: Path) -> None:
+    lines, out = run_benchmark("bench_every_input.py", ["--cpu"], tmp_path)
+    assert lines[-1].startswith("video_audio / text time")
+    assert float(lines[-1].split()[-1]) > 0
+    record = json.loads((out / "every_input.json").read_text())
+    per_type = record["per_type"]
+    assert list(per_type) == ["text", "image", "audio", "image_audio", "video", "video_audio"]
+    # float32 on the CPU: vLLM and the learner agree on every type's tokens, and to rounding on
+    # the log-probs except where vLLM's video-with-sound positions differ (see the README's Data)
+    assert all(row["prompt_ids_equal"] for row in per_type.values()), per_type
+    assert all(row["max_abs_logprob_gap"] < 1e-4 for kind, row in per_type.items() if kind != "video_audio"), per_type
+    # media make prompts longer than the text alone, and video with its sound longest
+    tokens = {kind: row["prompt_tokens"] for kind, row in per_type.items()}
+    assert tokens["video_audio"] > tokens["video"] and tokens["image_audio"] > tokens["image"] > 0

@@ -28,16 +28,16 @@ REPO = Path(__file__).resolve().parent.parent
 VENV = Path(sys.executable).parent.parent  # the virtualenv running this test; `make demo` uses its tools
 
 
-def run_make_demo(run_dir: Path, timeout_s: float = 2400) -> str:
-    """`make demo` with its run folder in ``run_dir``; its output (stdout and stderr) is printed,
-    so pytest shows it with a failure, and returned."""
+def run_make_demo(run_dir: Path, timeout_s: float = 2400, target: str = "demo") -> str:
+    """`make demo` (or another demo ``target``) with its run folder in ``run_dir``; its output
+    (stdout and stderr) is printed, so pytest shows it with a failure, and returned."""
     # a fresh local Ray, as for a user typing `make demo`: never a cluster this process knows of
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     command = [
         "make", "--no-print-directory", "-C", str(REPO),
         # the venv exists (this test runs in it): never let a newer Makefile reinstall it mid-test
         "-o", str(VENV / ".installed-cpu"),
-        f"VENV={VENV}", "demo", f"DEMO_SET=--set output_dir={run_dir}",
+        f"VENV={VENV}", target, f"DEMO_SET=--set output_dir={run_dir}",
     ]
     proc = subprocess.Popen(
         command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
@@ -48,9 +48,9 @@ def run_make_demo(run_dir: Path, timeout_s: float = 2400) -> str:
         os.killpg(proc.pid, signal.SIGKILL)  # make, echoink and the local Ray it started
         output, _ = proc.communicate()
         print(output)
-        pytest.fail(f"make demo did not finish within {timeout_s:.0f} s (its output is above)")
+        pytest.fail(f"make {target} did not finish within {timeout_s:.0f} s (its output is above)")
     print(output)
-    assert proc.returncode == 0, f"make demo failed (exit {proc.returncode}); its output is above:\n{output[-4000:]}"
+    assert proc.returncode == 0, f"make {target} failed (exit {proc.returncode}); its output is above:\n{output[-4000:]}"
     return output
 
 

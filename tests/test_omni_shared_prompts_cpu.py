@@ -13,6 +13,7 @@ import torch
 
 from avqa import load_records
 from omni.inputs import (
+    add_positions,
     collate,
     collate_shared,
     completion_logprobs,
@@ -33,7 +34,7 @@ def setup(tiny_checkpoint, train_json):
     # prompts of different lengths, so the batch is padded and attention needs its mask
     systems = [None, "You are a careful listener and a careful observer.", "Answer briefly."]
     features = {
-        r.id: encode_prompt(processor, prepare_prompt(r, processor, system_prompt=system))
+        r.id: add_positions(model, encode_prompt(processor, prepare_prompt(r, processor, system_prompt=system)))
         for r, system in zip(records, systems, strict=True)
     }
     assert len({f.input_ids.numel() for f in features.values()}) == 3

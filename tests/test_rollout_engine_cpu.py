@@ -13,7 +13,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from avqa import load_records
-from omni.inputs import collate, completion_logprobs, encode_prompt, load_processor, prepare_prompt
+from omni.inputs import (
+    add_positions,
+    collate,
+    completion_logprobs,
+    encode_prompt,
+    load_processor,
+    prepare_prompt,
+)
 from omni.weightsync import GroupInfo, SyncGroup, pack_bucket, plan_buckets, send_buckets
 from rollout.engine import RolloutEngine, completion_from_vllm
 from rollout.pool import EnginePool
@@ -51,7 +58,7 @@ def test_prompt_ids_and_logprobs_match_the_learner_side(ray_local, engine, tiny_
     prompts, completions, vllm_logps = [], [], []
     for record, result in zip(batch_records, results, strict=True):
         assert result.ok and result.record_id == record.id and len(result.completions) == 2
-        features = encode_prompt(processor, prepare_prompt(record, processor))
+        features = add_positions(model, encode_prompt(processor, prepare_prompt(record, processor)))
         # image and audio placeholders expanded the same way on both sides, token for token
         assert result.prompt_token_ids == features.input_ids.tolist()
         for completion in result.completions:
@@ -114,6 +121,18 @@ def test_broken_media_fails_one_question_and_the_engine_serves_on(
     assert "cannot decode image" in results[2].error and records[2].image_path.name in results[2].error
     again = ray_local.get(engine.generate.remote(records[:2], 3, SAMPLING))
     assert [len(r.completions) for r in again] == [3, 3]
+
+
+def test_a_prompt_vllm_refuses_fails_alone(ray_local, engine, records) -> None:
+    """vLLM rejects a whole batch for one prompt longer than max_model_len (1024 here); the
+    engine serves the rest and names the reason for that one."""
+    import dataclasses
+
+    long = dataclasses.replace(records[1], question=records[1].question + " and so on" * 400)
+    results = ray_local.get(engine.generate.remote([records[0], long, records[2]], 2, SAMPLING))
+    assert [r.ok for r in results] == [True, False, True]
+    assert "vLLM refused the prompt" in results[1].error and "1024" in results[1].error, results[1].error
+    assert [len(r.completions) for r in results] == [2, 0, 2]
 
 
 def test_per_request_seeds_replay_a_batch_on_the_cpu(ray_local, engine, records) -> None:

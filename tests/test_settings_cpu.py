@@ -79,6 +79,7 @@ DIRECT: dict[str, tuple[str, str]] = {
 ALTERNATIVES: dict[str, Any] = {
     "grpo.policy_loss": {"grpo.policy_loss": "gspo", "grpo.clip_eps": 3e-4},  # a dict: keys changed together
     "total_steps": 7,
+    "media.per_prompt": {"image": 1, "audio": 1, "video": 0},  # one value: the engines' per-prompt limits
     "system_prompt": "Answer briefly.",
     "data.valid": "/elsewhere/valid.json",
     "data.media_root": "/elsewhere",
@@ -209,3 +210,25 @@ def test_greedy_evaluation_keeps_one_sample_and_the_token_limit() -> None:
     assert (decoding.temperature, decoding.top_p, decoding.max_new_tokens) == (0.0, 1.0, 99)
     sampled = eval_settings(config, mode="sampled", samples=4)
     assert sampled.samples == 4 and sampled.decoding() == sampling_settings(config)
+
+
+def test_media_per_prompt_auto_follows_what_the_records_read() -> None:
+    from avqa import Record
+    from orchestrator.settings import media_per_prompt
+
+    def record(kind: str, **paths: Path) -> Record:
+        return Record(id=kind, question="q", options=("A. x", "B. y"), answer="A", data_type=kind, **paths)
+
+    released = record("image_audio", image_path=Path("a.jpg"), audio_path=Path("a.wav"))
+    with_sound = record("video_audio", video_path=Path("v.mp4"))
+    text = record("text")
+    auto = RunConfig()
+    assert media_per_prompt(auto, [released]) == (("audio", 1), ("image", 1), ("video", 0))
+    assert media_per_prompt(auto, [with_sound]) == (("audio", 1), ("image", 0), ("video", 1))  # its own track
+    assert media_per_prompt(auto, [text]) == (("audio", 0), ("image", 0), ("video", 0))
+    assert media_per_prompt(auto, [released, with_sound, text]) == (("audio", 1), ("image", 1), ("video", 1))
+    assert media_per_prompt(auto) == (("audio", 1), ("image", 1), ("video", 1))  # nothing known: all
+    fixed = with_value("media.per_prompt", {"video": 1})
+    assert media_per_prompt(fixed, [released]) == (("audio", 0), ("image", 0), ("video", 1))  # as written
+    with pytest.raises(ValueError, match="0 or 1 of each"):
+        with_value("media.per_prompt", {"video": 2})
