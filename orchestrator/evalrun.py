@@ -14,6 +14,7 @@ from omni.names import require_safetensors
 from orchestrator.config import RunConfig, with_absolute_paths
 from orchestrator.evalstats import mcnemar
 from orchestrator.evaluate import CONDITIONS, EvalResult, EvalSettings, evaluate_records
+from orchestrator.metrics import read_jsonl
 from orchestrator.placement import decide_gpus, plan_run
 from orchestrator.runtime import connect
 from orchestrator.settings import engine_settings, eval_settings
@@ -128,17 +129,7 @@ def read_results(folder: Path, condition: str = "none") -> dict[str, dict[str, A
     path = folder / "results.jsonl"
     if not path.is_file():
         raise FileNotFoundError(f"{folder}: no results.jsonl (an `echoink eval` output folder?)")
-    rows: dict[str, dict[str, Any]] = {}
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {n} is not JSON ({exc.msg})") from None
-        if row.get("condition", "none") == condition:
-            rows[str(row["id"])] = row
-    return rows
+    return {str(row["id"]): row for row in read_jsonl(path) if row.get("condition", "none") == condition}
 
 
 def protocol_of(folder: Path) -> str:

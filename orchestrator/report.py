@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from orchestrator.metrics import read_jsonl
 from orchestrator.samples import read_samples
 
 CONDITION_WORDS = {
@@ -85,19 +86,6 @@ def render_report(run_dir: Path, *, sample_steps: int = 6) -> str:
 
 
 # ---------------------------------------------------------------------------- reading
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    """The rows of a JSON-lines file; a line that is not JSON is an error naming the file and line."""
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {number} is not JSON ({exc.msg})") from None
-    return rows
-
-
 def read_json(path: Path) -> dict[str, Any] | None:
     """A JSON object, or None where the file does not exist (yet)."""
     if not path.is_file():

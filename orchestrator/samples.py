@@ -20,6 +20,7 @@ import numpy as np
 
 from avqa import MediaError, load_audio, load_image
 from omni.inputs import MediaSettings
+from orchestrator.metrics import numbered_jsonl
 from orchestrator.scoring import ScoredCompletion
 
 SAMPLES_FILE = "samples.jsonl"
@@ -200,13 +201,7 @@ def read_samples(run_dir: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}: line {number} is not JSON ({exc.msg})") from None
+    for number, row in numbered_jsonl(path):
         missing = [name for name in FIELDS if name not in row]
         if missing:
             raise ValueError(f"{path}: line {number} has no field {missing[0]!r}")
