@@ -112,11 +112,6 @@ class Video:
     fps: float  # the rate the frames were sampled at: frame k shows time k / fps
     audio: np.ndarray | None = None  # mono float32 at the loader's sample rate, or None
 
-    @property
-    def seconds(self) -> float:
-        """The span the frames cover."""
-        return self.frames.shape[0] / self.fps
-
 
 def load_video(
     path: str | Path,

@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from avqa.record import Record
+from avqa.record import MEDIA_FILES, Record
 
 # The reference wording. The missing period after "thought expressions" is in the original.
 REASONING_INSTRUCTION = (
@@ -86,7 +86,7 @@ def build_messages(
     given = {"image": image, "audio": audio, "video": video}
     content: list[dict[str, Any]] = []
     for name in ("video", "image", "audio"):
-        if name not in record.modalities or (name == "audio" and record.data_type == "video_audio"):
+        if name not in MEDIA_FILES[record.data_type]:  # video_audio's sound is inside its video
             continue
         value = given[name]
         content.append({"type": name, name: str(record.media_path(name)) if value is None else value})

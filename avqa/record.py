@@ -27,15 +27,9 @@ MEDIA_FILES: dict[str, tuple[str, ...]] = {
     "text": (),
 }
 DATA_TYPES = tuple(MEDIA_FILES)
-# data_type → what the model reads: the media a prompt carries (and an ablation can take away)
-MODALITIES: dict[str, tuple[str, ...]] = {
-    "image_audio": ("image", "audio"),
-    "video_audio": ("video", "audio"),
-    "video": ("video",),
-    "audio": ("audio",),
-    "image": ("image",),
-    "text": (),
-}
+# data_type → what the model reads: the media a prompt carries (and an ablation can take away);
+# video_audio also hears its video's own sound track
+MODALITIES: dict[str, tuple[str, ...]] = {**MEDIA_FILES, "video_audio": ("video", "audio")}
 
 
 class RawRecord(BaseModel):

@@ -20,7 +20,7 @@ import soundfile as sf
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from avqa.record import LETTERS
+from avqa.record import DATA_TYPES, LETTERS
 from avqa.synth_cues import (  # noqa: F401 (re-exported: avqa.synth is where users find them)
     COLOURS,
     DEMO_SPEC,
@@ -38,7 +38,6 @@ from avqa.synth_cues import (  # noqa: F401 (re-exported: avqa.synth is where us
 )
 from avqa.synth_video import video_audio_question, video_question
 
-DATA_TYPES = tuple(QUESTIONS)
 KINDS = (*DATA_TYPES, "mixed")  # what `echoink data synth --kind` writes
 
 

@@ -2,7 +2,7 @@
 scores what vLLM sampled, type by type, in the same run on the same machine.
 
 For each type (text, image, audio, image_audio, video, video_audio) the same number of questions
-× completions × tokens (ignore_eos) goes through a bare `vllm.LLM.generate` with the engine's own
+× completions × tokens (ignore_eos) goes, three times with the types interleaved, through a bare `vllm.LLM.generate` with the engine's own
 arguments and prepared prompts (`rollout.engine.llm_kwargs`, `omni.inputs.prepare_prompt`): the
 time per type against the text-only type's is the price of its media (encoders, longer prefill).
 Then the learner's transformers thinker (same weights, same device and dtype) scores the first
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import common  # noqa: E402
 
 ORDER = ("text", "image", "audio", "image_audio", "video", "video_audio")
+REPEATS = 3  # timed passes per type; the median is reported
 
 
 def mixed_data(count: int, size: int, seconds: float):
@@ -97,16 +99,20 @@ def main() -> None:
 
     for kind in ORDER:  # warm-up: each type's first encoder calls and shapes
         run(kind)
-    seconds, outputs = {}, {}
-    for kind in ORDER:
-        seconds[kind], outputs[kind] = run(kind)
+    times: dict[str, list[float]] = {kind: [] for kind in ORDER}
+    outputs: dict[str, list] = {}
+    for _ in range(REPEATS):  # the types interleaved, so a slow moment of the machine hits them alike
+        for kind in ORDER:
+            took, outputs[kind] = run(kind)
+            times[kind].append(took)
+    seconds = {kind: common.median(values) for kind, values in times.items()}
 
     device = torch.device("cpu" if cpu else "cuda")
     dtype = torch.float32 if cpu else torch.bfloat16
     # the engine stays up (memory_share 0.6): the thinker fits beside it
     model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(folder), dtype=dtype).to(device).eval()
     tok = processor.tokenizer
-    rows, extra = [], {"layout": args.layout, "per_type": {}}
+    rows, extra, problems = [], {"layout": args.layout, "per_type": {}}, []
     for kind in ORDER:
         first = outputs[kind][0]
         features = add_positions(model, encode_prompt(processor, prompts[kind][0]))
@@ -116,7 +122,12 @@ def main() -> None:
                         eos_ids=[tok.convert_tokens_to_ids("<|im_end|>")])
         with torch.no_grad():
             learner = completion_logprobs(model, batch.to(device, float_dtype=dtype)).float().cpu()
-        gap = max(float((learner[i] - torch.tensor(c.logprobs)).abs().max()) for i, c in enumerate(completions))
+        gaps = [float((learner[i] - torch.tensor(c.logprobs)).abs().max()) for i, c in enumerate(completions)]
+        gap = math.nan if any(math.isnan(g) for g in gaps) else max(gaps)  # max() alone can hide a NaN
+        if not same_ids:
+            problems.append(f"{kind}: vLLM's prompt ids differ from the learner's")
+        if not math.isfinite(gap):
+            problems.append(f"{kind}: a log-prob is not finite")
         tokens = sum(len(o.prompt_token_ids) for o in outputs[kind]) / len(outputs[kind])
         ratio = seconds[kind] / seconds["text"]
         extra["per_type"][kind] = {"seconds": seconds[kind], "prompt_tokens": tokens, "vs_text": ratio,
@@ -126,7 +137,10 @@ def main() -> None:
     shape = f"{args.questions} questions × {args.group} × {args.tokens} tokens a type"
     rows.insert(0, ("shape", f"{shape}; {args.size}-px media, {args.seconds:g}-s clips, ≤ {args.frames} frames; {dtype}"))
     extra["settings"] = dataclasses.asdict(media) | {"questions": args.questions, "group": args.group, "tokens": args.tokens}
+    extra["problems"] = problems
     common.report("every_input", rows, ("video_audio / text time", extra["per_type"]["video_audio"]["vs_text"]), extra)
+    if problems:
+        raise SystemExit("not trusted: " + "; ".join(problems))
 
 
 if __name__ == "__main__":

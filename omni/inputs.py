@@ -31,9 +31,6 @@ class MediaSettings:
     video_max_pixels: int = avqa.VIDEO_MAX_PIXELS  # per frame
 
 
-TEMPORAL_PATCH = 2  # frames per temporal patch of Qwen2.5-Omni's vision tower
-
-
 @dataclass
 class Prompt:
     """One question as the model sees it: chat text with placeholders and the media it reads.
@@ -87,7 +84,7 @@ class Prompt:
             # vLLM (0.32) interleaves a video's frames with its sound by the seconds per frame pair
             # given here, and takes 1.0 where none is given (what 2 fps gives): at any other rate
             # its prompt tokens would differ from the processor's. transformers ignores the key.
-            kwargs["second_per_grid_ts"] = [TEMPORAL_PATCH / self.video_fps]
+            kwargs["second_per_grid_ts"] = [avqa.media.TEMPORAL_PATCH / self.video_fps]
         if kwargs:
             out["mm_processor_kwargs"] = kwargs
         return out
@@ -157,7 +154,6 @@ def prepare_prompt(
             image = avqa.load_image(record.image_path, min_pixels=media.min_pixels, max_pixels=media.max_pixels)
         else:
             image = avqa.prepare_image(image, min_pixels=media.min_pixels, max_pixels=media.max_pixels)
-    fps = media.video_fps
     if "video" in reads:
         limits = dict(min_pixels=media.video_min_pixels, max_pixels=media.video_max_pixels)
         needs_track = record.data_type == "video_audio" and audio is None
@@ -171,13 +167,12 @@ def prepare_prompt(
                 max_audio_seconds=media.max_audio_seconds,
                 **limits,
             )
-            fps = clip.fps
             if needs_track:
                 audio = clip.audio
             if video is None:
                 video = clip.frames
-        if video.ndim != 4 or video.shape[-1] != 3 or video.dtype != np.uint8:
-            raise ValueError(f"record {record.id!r}: a video is uint8 frames [T, H, W, 3], got {video.dtype} {video.shape}")
+        else:
+            video = avqa.prepare_video(video, media.video_fps, **limits).frames
     elif "audio" in reads and audio is None:
         audio = avqa.load_audio(record.audio_path, sample_rate=media.sample_rate, max_seconds=media.max_audio_seconds)
     messages = avqa.build_messages(record, image=image, audio=audio, video=video, system_prompt=system_prompt)
@@ -189,7 +184,7 @@ def prepare_prompt(
         audio=None if audio is None else np.asarray(audio, dtype=np.float32),
         sample_rate=media.sample_rate,
         video=video,
-        video_fps=fps,
+        video_fps=media.video_fps,
         use_audio_in_video=record.data_type == "video_audio",
         video_pixels=(media.video_min_pixels, media.video_max_pixels),
     )

@@ -93,7 +93,7 @@ def ablation_applies(record: Record, condition: str) -> bool:
 
 def ablated_media(record: Record, condition: str, settings: EvalSettings) -> dict[str, Any] | None:
     """Replacement media: silence of the clip's (or the sound track's) length, a flat grey image of
-    the image's size, grey frames of the video's shape.
+    the image's size, grey frames of the video's shape (and a video's other medium as decoded).
 
     Same sizes keep the prompt's token count, so only the content of the medium changes.
     """
@@ -109,14 +109,14 @@ def ablated_media(record: Record, condition: str, settings: EvalSettings) -> dic
             max_frames=m.max_video_frames,
             min_pixels=m.video_min_pixels,
             max_pixels=m.video_max_pixels,
-            with_audio="audio" in takes,
+            with_audio=record.data_type == "video_audio",
             sample_rate=m.sample_rate,
             max_audio_seconds=m.max_audio_seconds,
         )
-        if "video" in takes:
-            out["video"] = np.full_like(clip.frames, GREY[0])
-        if "audio" in takes:
-            out["audio"] = np.zeros_like(clip.audio)
+        # the medium kept is passed on too, so that the engine does not decode the file again
+        out["video"] = np.full_like(clip.frames, GREY[0]) if "video" in takes else clip.frames
+        if clip.audio is not None:
+            out["audio"] = np.zeros_like(clip.audio) if "audio" in takes else clip.audio
     elif "audio" in takes:
         clip = load_audio(record.audio_path, sample_rate=m.sample_rate, max_seconds=m.max_audio_seconds)  # type: ignore[arg-type]
         out["audio"] = np.zeros_like(clip)

@@ -45,8 +45,9 @@ def llm_kwargs(settings: EngineSettings, engine_index: int = 0, *, is_cpu: bool)
         # safetensors only: a .bin/.pt checkpoint would be unpickled
         "load_format": "safetensors" if settings.load_format == "auto" else settings.load_format,
     }
-    if kwargs["limit_mm_per_prompt"]["video"] > 0:
-        # vLLM (0.32) processes only the media its processor cache misses: a video with its own
+    if kwargs["limit_mm_per_prompt"]["video"] > 0 and kwargs["limit_mm_per_prompt"]["audio"] > 0:
+        # a video with its own sound may come. vLLM (0.32) processes only the media its processor
+        # cache misses: a video with its own
         # sound whose track is cached but whose frames are not (an ablation's grey frames, or two
         # clips sharing one sound track) reaches the processor as a video without audio and fails
         # the whole batch ("Video doesn't have audio track"). Without the cache every prompt is

@@ -20,11 +20,13 @@ from rewards import (
     format_reward,
     register_reward,
 )
-from rewards.functions import ANSWER_RE
 
 REFERENCE_FORMAT = re.compile(
     r"^(?!.*<think>.*<think>)(?!.*<answer>.*<answer>)<think>[\s\S]+?</think>\s*<answer>[\s\S]+?</answer>$"
 )
+# the reference's answer pattern, written out here from EchoInk's grpo.py: an oracle the module under
+# test cannot change
+ANSWER_RE = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S)
 
 
 def record(answer: str = "C") -> Record:
