@@ -105,7 +105,7 @@ class SampleLog:
                 "step": step,
                 "slot": slot,
                 "id": record.id,
-                "data_type": getattr(record, "data_type", "image_audio"),
+                "data_type": record.data_type,
                 "question": record.question,
                 "options": list(record.options),
                 "answer": record.answer,
@@ -160,7 +160,7 @@ class SampleLog:
                 row["audio"] = f"{MEDIA_DIR}/{target.name}"
             except (MediaError, OSError) as exc:
                 row["media_errors"]["audio"] = str(exc)
-        video = getattr(record, "video_path", None)
+        video = record.video_path
         if video is not None:
             row["video"] = str(video)  # named, not copied: a video is too large to keep per sample
         return image, clip, row

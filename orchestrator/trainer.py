@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from orchestrator.scoring import ScoredStep, fill_informative, score_step
 from orchestrator.settings import (
     engine_settings,
     learner_settings,
+    media_per_prompt,
     media_settings,
     sampling_settings,
     scoring_rules,
@@ -77,6 +78,8 @@ class Trainer:
             load_split(config.data.valid, "valid", config.data, self.bad_records, self._say) if config.data.valid else []
         )
         self.total_steps = config.steps_for(len(self.train_records))
+        # the engines' per-prompt media (media.per_prompt: auto follows the records), once for every start
+        self.media_limits = media_per_prompt(config, [*self.train_records, *self.valid_records])
         self.rewards = RewardSet(weights=dict(config.rewards.weights),
                                  options={"lenient": config.rewards.lenient, "accuracy_match": config.rewards.accuracy_match})
         self.sampler = QuestionSampler(len(self.train_records), config.seed, shuffle=config.data.shuffle)
@@ -151,7 +154,7 @@ class Trainer:
     def _new_engine(self, index: int) -> Any:
         assert self.placement is not None
         options = self.placement.engine_start_options(index)  # named; a restart gets a new name
-        settings = engine_settings(self.config, sleep_mode=self.sleeps, records=[*self.train_records, *self.valid_records])
+        settings = replace(engine_settings(self.config, sleep_mode=self.sleeps), media_per_prompt=self.media_limits)
         return ray.remote(RolloutEngine).options(**options).remote(settings, index)
 
     def _restart_engines(self, dead: list[int], why: str) -> None:
