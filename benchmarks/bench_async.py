@@ -32,8 +32,8 @@ def main() -> None:
     args = parser.parse_args()
 
     from orchestrator.config import load_config
-    from orchestrator.metrics import read_metrics
     from orchestrator.trainer import train
+    from watch.jsonl import read_metrics
 
     common.start_ray()
     folder = common.model_folder(args.layout, weights=args.cpu)

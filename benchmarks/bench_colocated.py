@@ -64,9 +64,9 @@ def main() -> None:
     args = parser.parse_args()
 
     from orchestrator.config import load_config
-    from orchestrator.metrics import read_metrics
     from orchestrator.trainer import train
     from rewards import register_reward
+    from watch.jsonl import read_metrics
 
     register_reward("bench_coin")(coin_reward)
 

@@ -32,7 +32,7 @@ def main() -> None:
 
     from learner.group import LearnerGroup
     from learner.types import LearnerSettings
-    from orchestrator.weights import WeightSync
+    from orchestrator.weight_sync import WeightSync
     from rollout.engine import RolloutEngine
     from rollout.pool import EnginePool
     from rollout.types import EngineSettings

@@ -127,7 +127,7 @@ _TABLE = (
     Metric("faults/checkpoint_failures", "checkpoints that could not be written so far", "trainer"),
     Metric("data/epoch", "epochs of the training set drawn so far", "trainer"),
     Metric("data/bad_records", "records skipped so far (data.skip_bad_records)", "trainer"),
-    # eval: every eval.every steps on eval.subset questions (orchestrator/evaluate.py)
+    # eval: every eval.every steps on eval.subset questions (evaluation/evaluate.py)
     Metric("eval/accuracy", "validation accuracy (greedy unless eval.mode is sampled)", "eval"),
     Metric("eval/accuracy_lenient", "validation accuracy with the lenient answer parser", "eval"),
     Metric("eval/format_rate", "share of validation completions in the think/answer format", "eval"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -42,3 +43,21 @@ def load_split(path: Path, split: str, data: DataConfig, bad: BadRecords, say: C
     if not records:
         raise ValueError(f"{path}: no usable records in the {split} split")
     return records
+
+
+@dataclass
+class RunData:
+    """The splits a run trains and evaluates on, and the records it skipped."""
+
+    train: list[Record]
+    valid: list[Record]
+    bad: BadRecords
+
+
+def load_run_data(data: DataConfig, run_dir: Path, say: Callable[[str], None]) -> RunData:
+    """Both splits of ``data`` (no validation split when ``data.valid`` is null); skipped records
+    go to the run folder's ``bad_records.jsonl``."""
+    bad = BadRecords(run_dir / "bad_records.jsonl")
+    train = load_split(data.train, "train", data, bad, say)
+    valid = load_split(data.valid, "valid", data, bad, say) if data.valid else []
+    return RunData(train=train, valid=valid, bad=bad)

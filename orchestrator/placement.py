@@ -21,7 +21,35 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from orchestrator.config import RunConfig, check_colocation
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a run's actors go, decided before anything starts (`orchestrator.plan`): the mode,
+    the counts and each role's bundle. `place` turns it into placement groups."""
+
+    use_gpus: bool
+    engines: int
+    tensor_parallel_size: int
+    ranks: int
+    cpus_per_engine: float
+    cpus_per_rank: float
+    engine_resources: dict[str, float] = field(default_factory=dict)
+    learner_resources: dict[str, float] = field(default_factory=dict)
+    mode: str = "split"  # or "colocated": engine i and learner rank i share bundle i
+    why: str = ""  # why this mode (placement.mode: auto decides by the cluster's GPUs)
+    label: str = ""  # the run's name (run_name); its actors' names add an id (run_label); "": unnamed
+    engine_role: str = "engine"  # "eval-engine" for `echoink eval`
+
+    @property
+    def gpus_needed(self) -> int:
+        if not self.use_gpus:
+            return 0
+        return self.ranks if self.mode == "colocated" else split_gpus(self.engines, self.tensor_parallel_size, self.ranks)
+
+    @property
+    def engines_sleep(self) -> bool:
+        """Colocated on GPUs: engines free their memory while the learner trains (CPUs: no)."""
+        return self.mode == "colocated" and self.use_gpus
 
 
 @dataclass
@@ -46,11 +74,6 @@ class Placement:
         if starts and "name" in options:
             options["name"] = f"{options['name']}-restart-{starts}"
         return options
-
-    @property
-    def engines_sleep(self) -> bool:
-        """Colocated on GPUs: engines free their memory while the learner trains (CPUs: no)."""
-        return self.mode == "colocated" and self.use_gpus
 
     def record(self, engines: Sequence[dict[str, Any]], ranks: Sequence[dict[str, Any]]) -> dict[str, Any]:
         """placement.json: the mode, and where each engine and learner rank runs; colocated,
@@ -87,13 +110,18 @@ def actor_env() -> dict[str, str]:
     return env
 
 
-def run_label(output_dir: str | os.PathLike[str]) -> str:
-    """The run's part of its actors' Ray names: the run folder's name, in characters that read
-    well on the dashboard, and a short random id, so that two runs of one folder name, or a run
-    restarted after a fault while its dead actors are still listed, never ask for a name that Ray
-    still holds (names are unique per Ray namespace, and one test session is one namespace)."""
+def run_name(output_dir: str | os.PathLike[str]) -> str:
+    """The run folder's name in characters that read well on the dashboard (a layout's label)."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", os.path.basename(os.path.normpath(os.fspath(output_dir)))).strip("-.")
-    return f"{name[:32] or 'run'}-{secrets.token_hex(2)}"
+    return name[:32] or "run"
+
+
+def run_label(output_dir: str | os.PathLike[str]) -> str:
+    """The run's part of its actors' Ray names: `run_name` and a short random id, drawn when the
+    actors are placed, so that two runs of one folder name, or a run restarted after a fault while
+    its dead actors are still listed, never ask for a name that Ray still holds (names are unique
+    per Ray namespace, and one test session is one namespace)."""
+    return f"{run_name(output_dir)}-{secrets.token_hex(2)}"
 
 
 def actor_name(label: str, role: str, index: int) -> str:
@@ -107,105 +135,56 @@ def _prefixed(label: str) -> str:
     return label if label.startswith("echoink") else f"echoink-{label}"
 
 
-def decide_gpus(setting: str) -> bool:
-    gpus = ray.cluster_resources().get("GPU", 0)
-    if setting == "yes":
-        if gpus < 1:
-            raise RuntimeError("ray.use_gpus is 'yes' but the Ray cluster has no GPUs")
-        return True
-    if setting == "no":
-        return False
-    return gpus >= 1
+def cluster_gpus() -> int:
+    """The GPUs of the Ray cluster this driver is connected to."""
+    return int(ray.cluster_resources().get("GPU", 0))
 
 
 def split_gpus(engines: int, tp: int, ranks: int) -> int:
     return engines * tp + ranks
 
 
-def decide_mode(setting: str, use_gpus: bool, engines: int, tp: int, ranks: int) -> tuple[str, str]:
-    """The placement mode and why: ``auto`` splits where the cluster's GPUs hold the split layout."""
-    if setting != "auto":
-        return setting, f"placement.mode is {setting}"
-    if not use_gpus:
-        return "split", "no GPUs: the roles share the CPUs either way"
-    need, have = split_gpus(engines, tp, ranks), int(ray.cluster_resources().get("GPU", 0))
-    if need <= have:
-        return "split", f"the split layout needs {need} GPUs and the cluster has {have}"
-    return "colocated", f"the split layout needs {need} GPUs but the cluster has {have}: engines share the learner's GPUs"
-
-
-def check_capacity(use_gpus: bool, engines: int, tp: int, ranks: int, mode: str = "split") -> None:
+def check_capacity(layout: Layout, have: int) -> None:
     """Fail early and clearly when the cluster cannot hold the layout (instead of waiting forever)."""
-    if not use_gpus:
-        return
-    need = ranks if mode == "colocated" else split_gpus(engines, tp, ranks)
-    have = int(ray.cluster_resources().get("GPU", 0))
+    need = layout.gpus_needed
     if need > have:
-        what = "colocated pairs" if mode == "colocated" else f"{engines} engine(s) × {tp} + {ranks} learner rank(s)"
+        what = ("colocated pairs" if layout.mode == "colocated"
+                else f"{layout.engines} engine(s) × {layout.tensor_parallel_size} + {layout.ranks} learner rank(s)")
         raise RuntimeError(f"the layout needs {need} GPUs ({what}) but the Ray cluster has {have}")
 
 
-def plan_run(config: RunConfig, use_gpus: bool, *, learner: bool = True) -> Placement:
-    """The placement of a run's engines and (unless ``learner`` is False: evaluation) learner ranks."""
-    r, lc = config.rollout, config.learner
-    ranks = lc.num_ranks if learner else 0
-    mode, why = decide_mode(config.placement.mode if learner else "split", use_gpus, r.num_engines,
-                            r.tensor_parallel_size, ranks)
-    if mode == "colocated":
-        check_colocation(config)
-    placement = plan(
-        mode=mode, use_gpus=use_gpus, engines=r.num_engines, tensor_parallel_size=r.tensor_parallel_size, ranks=ranks,
-        cpus_per_engine=r.cpus_per_engine, cpus_per_rank=lc.cpus_per_rank, engine_resources=r.resources,
-        learner_resources=lc.resources, label=run_label(config.output_dir),
-        engine_role="engine" if learner else "eval-engine",
-    )
-    placement.why = why
-    return placement
-
-
-def plan(
-    *,
-    use_gpus: bool,
-    engines: int,
-    tensor_parallel_size: int,
-    ranks: int,
-    cpus_per_engine: float,
-    cpus_per_rank: float,
-    engine_resources: dict[str, float] | None = None,
-    learner_resources: dict[str, float] | None = None,
-    timeout_s: float = 600.0,
-    mode: str = "split",
-    label: str = "",
-    engine_role: str = "engine",
-) -> Placement:
-    """Placement groups for the engines and learner ranks, and each actor's options; with a
-    ``label`` (run_label) every actor and group is named after the run."""
-    check_capacity(use_gpus, engines, tensor_parallel_size, ranks, mode)
+def place(layout: Layout, timeout_s: float = 600.0) -> Placement:
+    """Placement groups for the layout's engines and learner ranks, and each actor's options; with
+    a ``label`` (run_label) every actor and group is named after the run."""
+    check_capacity(layout, cluster_gpus())
     env = {"env_vars": actor_env()}
-    engine_bundle: dict[str, float] = {"CPU": cpus_per_engine, **(engine_resources or {})}
-    rank_bundle: dict[str, float] = {"CPU": cpus_per_rank, **(learner_resources or {})}
-    if use_gpus:
-        engine_bundle["GPU"] = float(tensor_parallel_size)
+    engine_bundle: dict[str, float] = {"CPU": layout.cpus_per_engine, **layout.engine_resources}
+    rank_bundle: dict[str, float] = {"CPU": layout.cpus_per_rank, **layout.learner_resources}
+    if layout.use_gpus:
+        engine_bundle["GPU"] = float(layout.tensor_parallel_size)
         rank_bundle["GPU"] = 1.0
-    if mode == "colocated":
-        placement = _colocated(use_gpus, engines, ranks, engine_bundle, rank_bundle, env, timeout_s, label)
-        return _named(placement, label, engine_role)
-    # either role may be absent: evaluation runs engines only, a warm start learner ranks only
-    wanted = {"rollout": (engine_bundle, engines), "learner": (rank_bundle, ranks)}
-    groups = {
-        name: placement_group([dict(bundle) for _ in range(count)], strategy="PACK", name=_group_name(label, name))
-        for name, (bundle, count) in wanted.items()
-        if count
-    }
-    for name, group in groups.items():
-        _wait_placed(name, group, timeout_s)
-    placement = Placement(
-        use_gpus=use_gpus,
-        engine_options=[_options(groups["rollout"], i, engine_bundle, env) for i in range(engines)],
-        learner_options=[_options(groups["learner"], i, rank_bundle, env) for i in range(ranks)],
-        groups=list(groups.values()),
-    )
-    return _named(placement, label, engine_role)
+    engines, ranks = layout.engines, layout.ranks
+    label = run_label(layout.label) if layout.label else ""
+    if layout.mode == "colocated":
+        placement = _colocated(layout.use_gpus, engines, ranks, engine_bundle, rank_bundle, env, timeout_s, label)
+    else:
+        # either role may be absent: evaluation runs engines only, a warm start learner ranks only
+        wanted = {"rollout": (engine_bundle, engines), "learner": (rank_bundle, ranks)}
+        groups = {
+            name: placement_group([dict(bundle) for _ in range(count)], strategy="PACK", name=_group_name(label, name))
+            for name, (bundle, count) in wanted.items()
+            if count
+        }
+        for name, group in groups.items():
+            _wait_placed(name, group, timeout_s)
+        placement = Placement(
+            use_gpus=layout.use_gpus,
+            engine_options=[_options(groups["rollout"], i, engine_bundle, env) for i in range(engines)],
+            learner_options=[_options(groups["learner"], i, rank_bundle, env) for i in range(ranks)],
+            groups=list(groups.values()),
+        )
+    placement.why = layout.why
+    return _named(placement, label, layout.engine_role)
 
 
 def _group_name(label: str, role: str) -> str:

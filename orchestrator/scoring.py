@@ -22,6 +22,7 @@ from learner.advantages import advantages as compute_advantages
 from learner.types import Experience
 from rewards import RewardSet
 from rollout.types import RolloutResult
+from watch.samples import ScoredCompletion
 
 
 class RolloutFailed(RuntimeError):
@@ -48,19 +49,6 @@ def overlong_penalty(length: int, rules: ScoringRules) -> float:
     if length <= start:
         return 0.0
     return -rules.overlong_penalty * min(1.0, (length - start) / rules.overlong_buffer)
-
-
-@dataclass(frozen=True)
-class ScoredCompletion:
-    """One completion as it was scored, for people to read (`orchestrator.samples`)."""
-
-    record: Record
-    text: str
-    tokens: int
-    finish_reason: str
-    rewards: dict[str, float]  # each reward component before weighting
-    reward: float  # the weighted total the advantage was computed from (overlong penalty included)
-    advantage: float
 
 
 @dataclass

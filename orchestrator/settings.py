@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import avqa
+from evaluation.evaluate import EvalSettings
 from learner.types import LearnerSettings
 from omni.inputs import MediaSettings
 from orchestrator.config import RunConfig
-from orchestrator.evaluate import EvalSettings
 from orchestrator.scoring import ScoringRules
 from rollout.types import EngineSettings, SamplingSettings
 

@@ -9,39 +9,34 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
 
 from avqa import Record
+from evaluation.evaluate import evaluate_in_run
+from evaluation.results import gain_summary
 from learner.group import LearnerDied, LearnerGroup
 from omni.names import require_safetensors
 from orchestrator import checkpoint as ckpt
-from orchestrator.colocation import GpuSharing
-from orchestrator.config import RunConfig, config_warnings, dump_config, with_absolute_paths
-from orchestrator.data import BadRecords, load_split
-from orchestrator.evalrun import evaluate_in_run, gain_summary
-from orchestrator.metrics import MetricsLogger
-from orchestrator.placement import Placement, decide_gpus, plan_run
-from orchestrator.runtime import connect
+from orchestrator.config import RunConfig, dump_config
+from orchestrator.data import RunData, load_run_data
+from orchestrator.gpu_sharing import GpuSharing
+from orchestrator.paths import with_absolute_paths
+from orchestrator.placement import Placement, cluster_gpus, place
+from orchestrator.plan import RunPlan, cluster_of, make_plan, ray_cpus
+from orchestrator.ray_connect import connect
 from orchestrator.sampler import QuestionSampler
-from orchestrator.samples import SAMPLES_FILE, SampleLog
 from orchestrator.scoring import ScoredStep, fill_informative, score_step
-from orchestrator.settings import (
-    engine_settings,
-    learner_settings,
-    media_per_prompt,
-    media_settings,
-    sampling_settings,
-    scoring_rules,
-)
-from orchestrator.weights import WeightSync
+from orchestrator.weight_sync import WeightSync
 from rewards import RewardSet
 from rollout.engine import RolloutEngine
 from rollout.pool import EngineDied, EnginePool, PendingRollout
 from rollout.types import RolloutResult
+from watch.metrics_log import MetricsLogger
+from watch.samples import SAMPLES_FILE, SampleLog
 
 
 @dataclass
@@ -59,30 +54,20 @@ class Batch:
 
 
 class Trainer:
-    def __init__(
-        self, config: RunConfig, *, resume: bool = False, console: bool = True, stop_after: int | None = None
-    ) -> None:
-        self.config = config
-        self.stop_after = stop_after
-        self.run_dir = Path(config.output_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+    """Starts the actors of a `RunPlan` and runs its steps; nothing here reads the run config."""
+
+    def __init__(self, plan: RunPlan, data: RunData, *, console: bool = True) -> None:
+        self.plan = plan
+        self.schedule = plan.schedule
+        self.run_dir = plan.run_dir
         self.console = console
-        self.resume_from = ckpt.latest_checkpoint(self.run_dir) if resume else None
-        if resume and self.resume_from is None:
-            self._say(f"--resume: no checkpoint in {ckpt.checkpoint_dir(self.run_dir)}, starting from step 0")
-            for name in ("metrics.jsonl", "questions.jsonl", SAMPLES_FILE):
-                ckpt.truncate_jsonl(self.run_dir / name, 0)
-        self.bad_records = BadRecords(self.run_dir / "bad_records.jsonl")
-        self.train_records = load_split(config.data.train, "train", config.data, self.bad_records, self._say)
-        self.valid_records = (
-            load_split(config.data.valid, "valid", config.data, self.bad_records, self._say) if config.data.valid else []
-        )
-        self.total_steps = config.steps_for(len(self.train_records))
-        # the engines' per-prompt media (media.per_prompt: auto follows the records), once for every start
-        self.media_limits = media_per_prompt(config, [*self.train_records, *self.valid_records])
-        self.rewards = RewardSet(weights=dict(config.rewards.weights),
-                                 options={"lenient": config.rewards.lenient, "accuracy_match": config.rewards.accuracy_match})
-        self.sampler = QuestionSampler(len(self.train_records), config.seed, shuffle=config.data.shuffle)
+        self.resume_from = plan.resume_from
+        self.bad_records = data.bad
+        self.train_records = data.train
+        self.valid_records = data.valid
+        self.total_steps = plan.schedule.total_steps
+        self.rewards = RewardSet(weights=dict(plan.reward_weights), options=dict(plan.reward_options))
+        self.sampler = QuestionSampler(len(self.train_records), plan.seed, shuffle=plan.schedule.shuffle)
         self.step = 0
         self.placement: Placement | None = None
         self.pool: EnginePool | None = None
@@ -93,8 +78,8 @@ class Trainer:
         self.skipped_steps = 0
         self.no_signal_steps = 0  # consecutive steps whose every group had one reward value
         self.checkpoint_failures = 0
-        self.sleeps = False  # colocated on GPUs: engines sleep while the learner trains
-        self.sharing = GpuSharing(self._on_engines, enabled=False, sync_every=1)
+        self.sleeps = plan.layout.engines_sleep  # colocated on GPUs: engines sleep while the learner trains
+        self.sharing = GpuSharing(self._on_engines, enabled=self.sleeps, sync_every=plan.sync.every)
 
     # ------------------------------------------------------------------ setup
     def _say(self, message: str) -> None:
@@ -102,45 +87,32 @@ class Trainer:
             print(f"[echoink] {message}", flush=True)
 
     def start(self) -> None:
-        c = self.config
-        if not (c.learner.random_init and c.rollout.load_format == "dummy"):
-            require_safetensors(c.model_path)  # before anything starts
-        needed = c.rollout.num_engines * c.rollout.cpus_per_engine + c.learner.num_ranks * c.learner.cpus_per_rank
-        where = connect(c.ray.address, c.ray.num_cpus, needed)
-        use_gpus = decide_gpus(c.ray.use_gpus)
-        self._say(f"Ray: {where}; {'GPUs' if use_gpus else 'CPUs only'}; run folder {self.run_dir}")
-        for warning in config_warnings(c):
-            self._say(f"warning: {warning}")
-        (self.run_dir / "config.yaml").write_text(dump_config(c), encoding="utf-8")
-        self.placement = plan_run(c, use_gpus)
-        self.sleeps = self.placement.engines_sleep
-        self.sharing = GpuSharing(self._on_engines, enabled=self.sleeps, sync_every=c.sync.every)
+        plan = self.plan
+        (self.run_dir / "config.yaml").write_text(dump_config(plan.config_record), encoding="utf-8")
+        self.placement = place(plan.layout)
         self._say(f"placement: {self.placement.mode} ({self.placement.why})")
         started = time.perf_counter()
         self.engines = [self._new_engine(i) for i in range(len(self.placement.engine_options))]
         if self.sleeps:  # vLLM sizes its cache from the free memory: let it start before the learner
             ray.get([e.info.remote() for e in self.engines])
-        learner_model = self.resume_from or c.model_path
-        settings = learner_settings(c, self.total_steps, learner_model, release_memory=self.sleeps)
-        self.learner = LearnerGroup(settings, self.placement.learner_options)
+        self.learner = LearnerGroup(plan.learner, self.placement.learner_options)
         engine_info = ray.get([e.info.remote() for e in self.engines])
         self.pool = EnginePool(self.engines)
         placement = self.placement.record(engine_info, self.learner.setup_info)
         (self.run_dir / "placement.json").write_text(json.dumps(placement, indent=2, default=str) + "\n")
-        backend = c.sync.backend if c.sync.backend != "auto" else ("nccl" if use_gpus else "gloo")
         self.sync = WeightSync(
             self.learner,
             self.pool,
-            backend=backend,
-            bucket_bytes=int(c.sync.bucket_mb * 2**20),
-            tensor_parallel_size=c.rollout.tensor_parallel_size,
-            timeout_s=c.sync.timeout_s,
-            transport="handoff" if self.placement.mode == "colocated" else "broadcast",
+            backend=plan.sync.backend,
+            bucket_bytes=plan.sync.bucket_bytes,
+            tensor_parallel_size=plan.sync.tensor_parallel_size,
+            timeout_s=plan.sync.timeout_s,
+            transport=plan.sync.transport,
         )
         self._say(
-            f"{len(self.engines)} rollout engine(s), {c.learner.num_ranks} learner rank(s) (ZeRO-{c.learner.zero_stage}) "
-            f"up in {time.perf_counter() - started:.0f} s; {self.total_steps} steps of "
-            f"{c.grpo.questions_per_step} questions × {c.grpo.group_size}"
+            f"{len(self.engines)} rollout engine(s), {plan.learner.num_ranks} learner rank(s) "
+            f"(ZeRO-{plan.learner.zero_stage}) up in {time.perf_counter() - started:.0f} s; {self.total_steps} steps "
+            f"of {self.schedule.questions_per_step} questions × {self.schedule.group_size}"
         )
         if self.resume_from is not None:
             state = ckpt.read_run_state(self.resume_from)
@@ -154,14 +126,13 @@ class Trainer:
     def _new_engine(self, index: int) -> Any:
         assert self.placement is not None
         options = self.placement.engine_start_options(index)  # named; a restart gets a new name
-        settings = replace(engine_settings(self.config, sleep_mode=self.sleeps), media_per_prompt=self.media_limits)
-        return ray.remote(RolloutEngine).options(**options).remote(settings, index)
+        return ray.remote(RolloutEngine).options(**options).remote(self.plan.engine, index)
 
     def _restart_engines(self, dead: list[int], why: str) -> None:
         """Replace dead engines in their placement bundles, rebuild the sync group, push the
         current weights; a configured limit ends the run instead of looping."""
         assert self.pool is not None and self.sync is not None
-        limit = self.config.faults.max_engine_restarts
+        limit = self.schedule.max_engine_restarts
         self.engine_restarts += len(dead)
         if self.engine_restarts > limit:
             raise RuntimeError(
@@ -185,10 +156,10 @@ class Trainer:
     # ------------------------------------------------------------------ the loop
     def _submit(self, step: int, count: int | None = None) -> Batch:
         assert self.pool is not None
-        indices = self.sampler.next(count or self.config.grpo.questions_per_step)
+        indices = self.sampler.next(count or self.schedule.questions_per_step)
         records = [self.train_records[i] for i in indices]
         batch = Batch(step=step, indices=indices, records=records, submitted_at=time.perf_counter())
-        batch.pending = self.pool.submit(records, self.config.grpo.group_size, sampling_settings(self.config), salt=step)
+        batch.pending = self.pool.submit(records, self.schedule.group_size, self.plan.sampling, salt=step)
         return batch
 
     def _collect(self, batch: Batch) -> None:
@@ -199,8 +170,8 @@ class Trainer:
         while dead:
             self._restart_engines(dead, f"during the rollout of step {batch.step}")
             lost = [i for i, r in enumerate(results) if r is None]
-            retry = self.pool.submit([batch.records[i] for i in lost], self.config.grpo.group_size,
-                                     sampling_settings(self.config), salt=batch.step)
+            retry = self.pool.submit([batch.records[i] for i in lost], self.schedule.group_size,
+                                     self.plan.sampling, salt=batch.step)
             part, dead = self.pool.collect_partial(retry)
             for i, result in zip(lost, part, strict=True):
                 results[i] = result
@@ -243,17 +214,17 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         if self.learner is None:
             self.start()
-        c = self.config
+        c = self.schedule
         self._say(f"first weight push: {self.sync.tensors} tensors in {len(self.sync.specs)} buckets ({self.sync.transport})")
         self._push()  # once at start (and after a resume)
         start_eval: dict[str, float] | None = None
-        if c.eval.at_start and self.step == 0 and self.valid_records:
+        if c.eval_at_start and self.step == 0 and self.valid_records:
             start_eval = self._evaluate("start")  # before the progress bar
         logger = MetricsLogger(self.run_dir, total_steps=self.total_steps, start_step=self.step, console=self.console)
-        samples = SampleLog(self.run_dir, every=c.log.samples_every, count=c.log.samples_per_step,
-                            media=media_settings(c), writer=logger.writer)
+        samples = SampleLog(self.run_dir, every=c.samples_every, count=c.samples_per_step,
+                            media=self.plan.media, writer=logger.writer)
         last: dict[str, float] = {}
-        end = self.total_steps if self.stop_after is None else min(self.total_steps, self.step + self.stop_after)
+        end = self.total_steps if c.stop_after is None else min(self.total_steps, self.step + c.stop_after)
         try:
             pending: Batch | None = None
             while self.step < end:
@@ -265,7 +236,7 @@ class Trainer:
                 else:
                     batch, pending = pending, None
                 self._record_questions(batch)
-                if c.grpo.off_policy and step < end:
+                if c.off_policy and step < end:
                     pending = self._submit(step + 1)  # rolls out on the current weights while we learn
                 scored = self._score(batch)
                 samples.log(step, scored.completions)
@@ -276,17 +247,17 @@ class Trainer:
                 if pending is not None:
                     self._collect(pending)  # engines finish the next rollout before new weights arrive
                 values.update(asleep)
-                push = step % c.sync.every == 0 or step == self.total_steps
+                push = step % self.plan.sync.every == 0 or step == self.total_steps
                 values.update(self.sharing.wake_and_push(self._push if push else None))
                 self.step = step
                 values["timing/step_s"] = time.perf_counter() - step_started
                 values["data/epoch"] = self.sampler.state.epoch + self.sampler.state.position / self.sampler.size
                 values["data/bad_records"] = float(len(self.bad_records))
-                if c.eval.every and step % c.eval.every == 0 and self.valid_records:
+                if c.eval_every and step % c.eval_every == 0 and self.valid_records:
                     values.update(self._evaluate())
                 logger.log(step, values)
                 last = values
-                if c.checkpoint.every and step % c.checkpoint.every == 0 and step != end:
+                if c.checkpoint_every and step % c.checkpoint_every == 0 and step != end:
                     try:
                         self._checkpoint()
                     except OSError as exc:  # disk full, quota: the previous checkpoint stays whole
@@ -302,9 +273,9 @@ class Trainer:
 
     def _finish(self, last: dict[str, float], start_eval: dict[str, float] | None) -> dict[str, Any]:
         """The last checkpoint, the final evaluation and the paired gain; ``summary.json``."""
-        c = self.config
+        c = self.schedule
         finished = self.step >= self.total_steps
-        final = self._checkpoint() if (c.checkpoint.at_end or not finished) else None
+        final = self._checkpoint() if (c.checkpoint_at_end or not finished) else None
         summary: dict[str, Any] = {
             "steps": self.step,
             "total_steps": self.total_steps,
@@ -316,7 +287,7 @@ class Trainer:
             summary["checkpoint"] = str(final)
         if not finished:
             self._say(f"stopped after step {self.step} of {self.total_steps}: continue with --resume")
-        elif c.eval.at_end and self.valid_records:
+        elif c.eval_at_end and self.valid_records:
             summary["eval"] = self._evaluate("final")
             if start_eval is not None:
                 summary["eval_gain"], table = gain_summary(self.run_dir / "eval" / "start", self.run_dir / "eval" / "final")
@@ -332,10 +303,10 @@ class Trainer:
         flat = values.get("reward/zero_advantage_groups", 0.0) >= 1.0
         self.no_signal_steps = self.no_signal_steps + 1 if flat else 0
         values["reward/no_signal_steps"] = float(self.no_signal_steps)
-        limit = self.config.grpo.warn_no_signal_steps
+        limit = self.schedule.warn_no_signal_steps
         if limit and self.no_signal_steps == limit:
             logger.note(
-                f"[echoink] steps {step - limit + 1}-{step}: every question's {self.config.grpo.group_size} "
+                f"[echoink] steps {step - limit + 1}-{step}: every question's {self.schedule.group_size} "
                 f"completions got the same reward (accuracy {values.get('reward/accuracy', float('nan')):.2f}, "
                 f"format {values.get('reward/format', float('nan')):.2f}), so every advantage is 0 and GRPO "
                 f"learns nothing. All failed: check the rewards and the prompt, or warm start the model "
@@ -345,7 +316,7 @@ class Trainer:
     def _check_skipped(self, values: dict[str, float], step: int) -> None:
         if values.get("learner/step_skipped", 0.0) > 0:
             self.skipped_steps += 1
-            limit = self.config.faults.max_nonfinite_steps
+            limit = self.schedule.max_nonfinite_steps
             self._say(f"step {step}: non-finite loss or gradient norm, optimizer step skipped ({self.skipped_steps}/{limit})")
             if self.skipped_steps >= limit:
                 raise RuntimeError(
@@ -365,12 +336,12 @@ class Trainer:
     def _score(self, batch: Batch) -> ScoredStep:
         """Rewards and advantages; with ``grpo.dynamic_sampling`` more questions are rolled out
         (engines awake, before the learner's turn) until the batch has signal."""
-        c = self.config
+        c = self.schedule
         started = time.perf_counter()
-        scored = score_step(batch.step, batch.records, batch.results, self.rewards, scoring_rules(c))
-        if c.grpo.dynamic_sampling:
-            scored = fill_informative(scored, lambda n: self._draw(batch.step, n), c.grpo.questions_per_step,
-                                      c.grpo.max_extra_rollouts)
+        scored = score_step(batch.step, batch.records, batch.results, self.rewards, self.plan.scoring)
+        if c.dynamic_sampling:
+            scored = fill_informative(scored, lambda n: self._draw(batch.step, n), c.questions_per_step,
+                                      c.max_extra_rollouts)
         for entry in scored.failed:
             self.bad_records.add(entry)
         batch.reward_seconds = time.perf_counter() - started
@@ -380,10 +351,10 @@ class Trainer:
         extra = self._submit(step, count)
         self._collect(extra)
         self._record_questions(extra)
-        return score_step(step, extra.records, extra.results, self.rewards, scoring_rules(self.config))
+        return score_step(step, extra.records, extra.results, self.rewards, self.plan.scoring)
 
     def _learn(self, batch: Batch, scored: ScoredStep) -> dict[str, float]:
-        """One learner step on the scored batch; the step's metrics (names: omni.metrics)."""
+        """One learner step on the scored batch; the step's metrics (names: omni.metric_table)."""
         assert self.learner is not None
         learned = self.learner.train_step(scored.experiences)
         generated = sum(len(e.completion_ids) for e in scored.experiences)
@@ -400,17 +371,18 @@ class Trainer:
     def _checkpoint(self) -> Path:
         assert self.learner is not None
         state = {"step": self.step, "sampler": self.sampler.state_dict(), "total_steps": self.total_steps,
-                 "config": self.config.model_dump(mode="json"), "time": time.time()}
+                 "config": self.plan.config_record, "time": time.time()}
         path = ckpt.save_checkpoint(
             self.run_dir, self.step, lambda tmp: self.learner.save(str(tmp), {"step": self.step}),  # type: ignore[union-attr]
-            state, keep_last=self.config.checkpoint.keep_last, verify=ckpt.verify_model_folder,
+            state, keep_last=self.schedule.keep_last, verify=ckpt.verify_model_folder,
         )
         self._say(f"checkpoint: {path}")
         return path
 
     def _evaluate(self, name: str | None = None) -> dict[str, float]:
         assert self.pool is not None
-        return evaluate_in_run(self.pool, self.valid_records, self.config, self.run_dir, self.step, name, self._say)
+        return evaluate_in_run(self.pool, self.valid_records, self.plan.eval, subset=self.schedule.eval_subset,
+                               run_dir=self.run_dir, step=self.step, name=name, say=self._say)
 
     def shutdown(self) -> None:
         if self.sync is not None:
@@ -423,6 +395,34 @@ class Trainer:
             self.placement.remove()
 
 
+def prepare(
+    config: RunConfig, *, resume: bool = False, stop_after: int | None = None, console: bool = True
+) -> tuple[RunPlan, RunData]:
+    """Everything before the first actor: the run's data, the Ray cluster and the run's plan;
+    ``config``'s paths must be absolute (`with_absolute_paths`)."""
+
+    def say(message: str) -> None:
+        if console:
+            print(f"[echoink] {message}", flush=True)
+
+    run_dir = Path(config.output_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    resume_from = ckpt.latest_checkpoint(run_dir) if resume else None
+    if resume and resume_from is None:
+        say(f"--resume: no checkpoint in {ckpt.checkpoint_dir(run_dir)}, starting from step 0")
+        for name in ("metrics.jsonl", "questions.jsonl", SAMPLES_FILE):
+            ckpt.truncate_jsonl(run_dir / name, 0)
+    data = load_run_data(config.data, run_dir, say)
+    where = connect(config.ray.address, config.ray.num_cpus, ray_cpus(config))
+    cluster = cluster_of(config.ray.use_gpus, cluster_gpus())
+    plan = make_plan(config, cluster, train_size=len(data.train), records=[*data.train, *data.valid],
+                     resume_from=resume_from, stop_after=stop_after)
+    if plan.needs_weights:
+        require_safetensors(plan.model_path)  # before anything starts
+    say(f"Ray: {where}; {'GPUs' if cluster.use_gpus else 'CPUs only'}; the plan:\n{plan.describe()}")
+    return plan, data
+
+
 def train(
     config: RunConfig, *, resume: bool = False, console: bool = True, stop_after: int | None = None
 ) -> dict[str, Any]:
@@ -431,23 +431,22 @@ def train(
     config = with_absolute_paths(config)  # before any actor sees a path (README: "Paths in the config")
     attempt = 0
     while True:
-        trainer = Trainer(config, resume=resume or attempt > 0, console=console, stop_after=stop_after)
+        plan, data = prepare(config, resume=resume or attempt > 0, stop_after=stop_after, console=console)
+        trainer = Trainer(plan, data, console=console)
         try:
             trainer.start()
             summary = trainer.run()
             summary["restarts"] = attempt
             return summary
         except LearnerDied as exc:
-            run_dir = Path(config.output_dir)
-            if attempt >= config.faults.max_restarts:
+            if attempt >= plan.schedule.max_restarts:
                 raise RuntimeError(
-                    f"{exc}. The run stopped at step {trainer.step}; {ckpt.last_checkpoint_words(run_dir)}. "
+                    f"{exc}. The run stopped at step {trainer.step}; {ckpt.last_checkpoint_words(plan.run_dir)}. "
                     f"Continue with: echoink train --config <this config> --resume "
                     f"(or set faults.max_restarts to restart automatically)"
                 ) from exc
             attempt += 1
-            trainer._say(
-                f"{exc}; restarting from {ckpt.latest_checkpoint(run_dir) or 'the start'} ({attempt}/{config.faults.max_restarts})"
-            )
+            trainer._say(f"{exc}; restarting from {ckpt.latest_checkpoint(plan.run_dir) or 'the start'} "
+                         f"({attempt}/{plan.schedule.max_restarts})")
         finally:
             trainer.shutdown()

@@ -14,7 +14,7 @@ from PIL import Image
 
 from avqa import load_audio, load_records
 from avqa.curate import omniinstruct_features
-from orchestrator.cli import main
+from echoink.cli import main
 
 
 def _wav_bytes(seconds: float, rate: int) -> bytes:

@@ -14,7 +14,7 @@ import pytest
 
 from avqa import load_audio, load_image, load_records, load_video
 from avqa.synth import COLOURS, DEMO_SPEC, KINDS, TONES_HZ, SynthSpec, synth_dataset
-from orchestrator.cli import main
+from echoink.cli import main
 
 
 def tree_digest(root: Path) -> dict[str, str]:
@@ -140,7 +140,7 @@ def test_mixed_is_deterministic_and_cli_matches(tmp_path: Path) -> None:
     a, b, c = (tree_digest(tmp_path / x) for x in "abc")
     assert a == b and a != c  # mp4s included: same seed, same bytes
     assert any(k.endswith(".mp4") for k in a)
-    from orchestrator.cli import build_parser
+    from echoink.cli import build_parser
 
     parser = build_parser()
     # the CLI spells the kinds out (its --help imports nothing): every kind parses, others do not

@@ -166,11 +166,13 @@ def test_accepted_media_are_normalised(root: Path) -> None:
     assert load_audio(root / "long.wav").size == 160_000
 
 
-def test_more_engines_than_gpus(ray_local) -> None:
-    from orchestrator.placement import check_capacity
+def test_more_engines_than_gpus() -> None:
+    from orchestrator.config import load_config
+    from orchestrator.plan import Cluster, layout_for
 
+    config = load_config(None, ["rollout.num_engines=4", "learner.num_ranks=2", "placement.mode=split"])
     with pytest.raises(RuntimeError, match=r"needs 6 GPUs \(4 engine\(s\) × 1 \+ 2 learner rank\(s\)\) but the Ray cluster has 0"):
-        check_capacity(True, 4, 1, 2)
+        layout_for(config, Cluster(use_gpus=True, gpus=0))
 
 
 def test_pickled_weights_are_refused(tiny_checkpoint, synth_dir, tmp_path) -> None:

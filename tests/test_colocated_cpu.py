@@ -18,8 +18,8 @@ from test_reliability_cpu import drawn_ids, expected_ids, run_in_thread, wait_fo
 from test_train_e2e_cpu import tiny_config
 
 from orchestrator.checkpoint import latest_checkpoint, list_checkpoints
-from orchestrator.metrics import read_metrics
 from orchestrator.trainer import Batch, Trainer, train
+from watch.jsonl import read_metrics
 
 ONE_PAIR = ("learner.num_ranks=1", "rollout.num_engines=1")
 

@@ -59,8 +59,8 @@ def test_demo_recipe_beats_its_warm_start(tmp_path) -> None:
     from chromium import open_page
 
     from orchestrator.config import load_config
-    from orchestrator.report import build_report
-    from orchestrator.samples import read_samples
+    from watch.report import build_report
+    from watch.samples import read_samples
 
     run_dir = tmp_path / "run"
     output = run_make_demo(run_dir)

@@ -11,9 +11,9 @@ import pytest
 from PIL import Image
 from test_train_e2e_cpu import tiny_config
 
-from orchestrator.cli import main
-from orchestrator.evalrun import compare
-from orchestrator.evalstats import is_reflective, mcnemar, wilson_interval
+from echoink.cli import main
+from evaluation.results import compare
+from evaluation.stats import is_reflective, mcnemar, wilson_interval
 
 ANSWER = re.compile(r"<answer>\s*(.*?)\s*</answer>", re.S)  # the reference's parser, written here again
 FORMAT = re.compile(

@@ -92,7 +92,8 @@ def test_zero3_random_init_draws_the_zero2_weights(ray_local, config_only, exper
 
 
 def test_zero3_on_one_rank_is_warned_about_naming_the_keys() -> None:
-    from orchestrator.config import config_warnings, load_config
+    from orchestrator.config import load_config
+    from orchestrator.plan import config_warnings
 
     warned = config_warnings(load_config(None, ["learner.zero_stage=3", "learner.num_ranks=1"]))
     assert len(warned) == 1

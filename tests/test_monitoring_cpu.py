@@ -14,9 +14,10 @@ import yaml
 
 from omni.actorrepr import actor_repr
 from omni.metrics import is_known
-from orchestrator import monitoring
-from orchestrator.metrics import prometheus_name
-from orchestrator.monitoring import (
+from orchestrator.placement import Placement, actor_name, run_label
+from watch import monitoring
+from watch.metrics_log import prometheus_name
+from watch.monitoring import (
     DASHBOARD_FILE,
     PANELS,
     Panel,
@@ -27,14 +28,13 @@ from orchestrator.monitoring import (
     grafana_dashboard,
     prometheus_config,
 )
-from orchestrator.placement import Placement, actor_name, run_label
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_the_committed_dashboard_is_the_generated_one() -> None:
     assert DASHBOARD_FILE.read_text(encoding="utf-8") == dashboard_json(), (
-        "docker/grafana/echoink_dashboard.json is stale: run `python -m orchestrator.monitoring dashboard`"
+        "docker/grafana/echoink_dashboard.json is stale: run `python -m watch.monitoring dashboard`"
     )
 
 
@@ -128,5 +128,5 @@ def test_an_actor_repr_says_role_node_devices_and_state() -> None:
 
 def test_the_readme_says_what_prometheus_serves() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert "`ray_echoink_reward_total`" in readme and "python -m orchestrator.monitoring start" in readme
+    assert "`ray_echoink_reward_total`" in readme and "python -m watch.monitoring start" in readme
     assert "is exported as `echoink_" not in readme

@@ -163,7 +163,7 @@ def test_an_engine_without_video_refuses_those_records_alone(sampled, mixed) -> 
 def test_ablations_replace_each_medium_by_its_blank(mixed) -> None:
     from PIL import Image
 
-    from orchestrator.evaluate import CONDITIONS, EvalSettings, ablated_media, ablation_applies
+    from evaluation.evaluate import CONDITIONS, EvalSettings, ablated_media, ablation_applies
 
     settings = EvalSettings()
     by_type = {r.data_type: r for r in mixed}
@@ -229,8 +229,8 @@ def test_three_steps_on_all_six_types_train_and_evaluate(ray_local, tiny_checkpo
     """The whole loop on a mixed set: two learner ranks whose micro-batches hold different types
     (a text-only one beside one with a video), every ablation at the end."""
     from orchestrator.config import load_config
-    from orchestrator.metrics import read_metrics
     from orchestrator.trainer import train
+    from watch.jsonl import read_metrics
 
     config = load_config(
         None,

@@ -274,7 +274,7 @@ def test_the_3b_layout_is_the_released_thinker(tmp_path: Path) -> None:
 
 
 def test_the_cli_offers_every_layout() -> None:
+    from echoink.cli import MODEL_LAYOUTS
     from omni.tiny import LAYOUTS
-    from orchestrator.cli import MODEL_LAYOUTS
 
     assert sorted(MODEL_LAYOUTS) == sorted(LAYOUTS)

@@ -118,7 +118,7 @@ def test_warm_start_targets_teach_the_format_not_the_answer(train_json: Path) ->
 
     from avqa import load_records
     from avqa.synth import COLOURS, TONES_HZ
-    from orchestrator.warmstart import REASONING, target_text
+    from echoink.warmstart import REASONING, target_text
     from rewards.functions import format_reward
 
     record = load_records(train_json)[0]
@@ -135,7 +135,7 @@ def test_warm_start_targets_teach_the_format_not_the_answer(train_json: Path) ->
 
 
 def test_warm_start_refuses_to_overwrite_a_checkpoint(tmp_path: Path, train_json: Path, capsys) -> None:
-    from orchestrator.cli import main
+    from echoink.cli import main
 
     out = tmp_path / "warm"
     out.mkdir()

@@ -1,8 +1,11 @@
-"""The package map of DESIGN.md, checked on the source: imports point one way and close no circle.
+"""The package map of docs/ARCHITECTURE.md, checked on the source: imports point one way and close
+no circle.
 
-orchestrator → (rollout, learner, rewards) → (omni, avqa); rollout and learner never import each
-other; omni imports only avqa; avqa imports no other package of the project. Imports inside
-functions count too (they are imports all the same).
+echoink (the commands) → orchestrator → (evaluation, watch, rollout, learner, rewards) → (omni,
+avqa); evaluation scores on
+rollout's engines with rewards' parsers and reads JSON lines through watch; rollout and learner
+never import each other; watch imports only omni and avqa; omni imports only avqa; avqa imports no
+other package of the project. Imports inside functions count too (they are imports all the same).
 """
 
 from __future__ import annotations
@@ -11,14 +14,17 @@ import ast
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-PACKAGES = ("avqa", "omni", "rewards", "rollout", "learner", "orchestrator")
+PACKAGES = ("avqa", "omni", "rewards", "rollout", "learner", "watch", "evaluation", "orchestrator", "echoink")
 ALLOWED = {
     "avqa": set(),
     "omni": {"avqa"},
     "rewards": {"avqa"},
     "rollout": {"avqa", "omni"},
     "learner": {"avqa", "omni"},
-    "orchestrator": {"avqa", "omni", "rewards", "rollout", "learner"},
+    "watch": {"avqa", "omni"},
+    "evaluation": {"avqa", "omni", "rewards", "rollout", "watch"},
+    "orchestrator": {"avqa", "omni", "rewards", "rollout", "learner", "watch", "evaluation"},
+    "echoink": {"avqa", "omni", "rewards", "rollout", "learner", "watch", "evaluation", "orchestrator"},
 }
 
 

@@ -14,12 +14,12 @@ import pytest
 
 from avqa import load_records, prompt_text
 from avqa.prompt import PROMPT_OVERRIDE, build_messages
+from echoink.cli import main
+from evaluation.evaluate import EvalSettings
+from evaluation.protocols import BY_NAME, paper_choice
+from evaluation.results import compare
 from omni.inputs import load_processor, prepare_prompt
-from orchestrator.cli import main
 from orchestrator.config import ConfigError, load_config
-from orchestrator.evalrun import compare
-from orchestrator.evaluate import EvalSettings
-from orchestrator.protocols import BY_NAME, paper_choice
 from orchestrator.settings import eval_settings
 from rollout.types import SamplingSettings
 

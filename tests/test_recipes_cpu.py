@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config import GRPOConfig, load_config
-from orchestrator.metrics import read_metrics
 from orchestrator.trainer import train
+from watch.jsonl import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 RECIPES = sorted((REPO / "configs" / "recipes").glob("*.yaml"))

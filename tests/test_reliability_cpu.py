@@ -24,9 +24,9 @@ from orchestrator.checkpoint import (
     list_checkpoints,
     read_run_state,
 )
-from orchestrator.metrics import read_metrics
 from orchestrator.sampler import QuestionSampler
 from orchestrator.trainer import train
+from watch.jsonl import read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -202,7 +202,7 @@ def test_killed_while_checkpointing_then_resumed(ray_local, tiny_checkpoint, syn
     address = ray_local.get_runtime_context().gcs_address
     env = {**os.environ, "ECHOINK_FAILPOINTS": f"{point}@2=kill", "RAY_ADDRESS": address}
     proc = subprocess.run(
-        [sys.executable, "-m", "orchestrator.cli", "train", "--config", str(config_file)],
+        [sys.executable, "-m", "echoink.cli", "train", "--config", str(config_file)],
         env=env, capture_output=True, text=True, timeout=900, cwd=REPO,
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
@@ -261,7 +261,7 @@ def test_weight_push_to_a_dead_engine_fails_within_the_timeout(ray_local, tiny_c
     from test_learner_group_cpu import settings
 
     from learner.group import LearnerGroup
-    from orchestrator.weights import WeightSync
+    from orchestrator.weight_sync import WeightSync
     from rollout.engine import RolloutEngine
     from rollout.pool import EngineDied, EnginePool
     from rollout.types import EngineSettings

@@ -1,5 +1,5 @@
 """`echoink report RUN_DIR` on a run folder written by the run's own writers (metrics rows, the
-evaluation summaries of `orchestrator.evaluate.summarise`, the paired gain of `gain_summary`, the
+evaluation summaries of `evaluation.evaluate.summarise`, the paired gain of `gain_summary`, the
 samples of `SampleLog` on real synthetic records), opened in a real headless Chromium; and the
 page's answers for folders that lack parts. The same page built from a real training run is
 checked in tests/test_train_e2e_cpu.py."""
@@ -14,15 +14,15 @@ import pytest
 from chromium import open_page
 
 from avqa import load_audio, load_records
+from echoink.cli import main
+from evaluation.evaluate import EvalSettings, summarise
 from omni.inputs import MediaSettings
-from orchestrator.cli import main
 from orchestrator.config import RunConfig, dump_config
-from orchestrator.evaluate import EvalSettings, summarise
-from orchestrator.report import build_report, choose_steps, render_report
-from orchestrator.samples import SampleLog, read_samples
 from orchestrator.scoring import ScoringRules, score_step
 from rewards import RewardSet
 from rollout.types import Completion, RolloutResult
+from watch.report import build_report, choose_steps, render_report
+from watch.samples import SampleLog, read_samples
 
 # greedy correctness of 8 validation questions: before, after, after with the audio silenced
 START = [1, 0, 0, 0, 1, 0, 0, 0]
@@ -59,7 +59,7 @@ def write_samples(run: Path, train_json: Path, steps: range) -> None:
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory, train_json) -> Path:
-    from orchestrator.evalrun import gain_summary
+    from evaluation.results import gain_summary
 
     run = tmp_path_factory.mktemp("run")
     rows = [{"step": s, "time": 1.7e9 + s, "reward/total": 0.5 + s / 40, "reward/accuracy": s / 20,
@@ -98,7 +98,7 @@ def test_page_shows_the_tables_the_comparison_and_the_chosen_steps(run_dir) -> N
     assert re.findall(r'<h3>Step (\d+)</h3>', page) == ["1", "3", "5"]
     assert len(re.findall(r'class="sample" id="sample-', page)) == 6
     assert "&lt;think&gt;step 5&lt;/think&gt;" in page  # completions escaped, shown as written
-    assert len(re.findall(r'<img class="chart"', page)) == 5  # every figure of orchestrator/plot.py
+    assert len(re.findall(r'<img class="chart"', page)) == 5  # every figure of watch/plot.py
 
 
 def test_page_renders_in_chromium_with_every_picture_and_sound(run_dir, train_json, tmp_path) -> None:

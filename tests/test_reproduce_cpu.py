@@ -9,10 +9,10 @@ import re
 from pathlib import Path
 
 from avqa import load_records
+from echoink.cli import main
+from evaluation.protocols import BY_NAME
 from omni.inputs import encode_prompt, load_processor, prepare_prompt
-from orchestrator.cli import main
-from orchestrator.metrics import read_metrics
-from orchestrator.protocols import BY_NAME
+from watch.jsonl import read_metrics
 
 
 def test_rehearsal_writes_a_full_report_and_resumes(ray_local, tmp_path: Path, capsys) -> None:

@@ -1,4 +1,4 @@
-"""Samples of a step (orchestrator/samples.py): which completions are picked, what samples.jsonl
+"""Samples of a step (watch/samples.py): which completions are picked, what samples.jsonl
 and RUN/samples/ hold, and what TensorBoard reads back (text, image and audio summaries), on real
 synthetic records scored by the real rewards."""
 
@@ -15,10 +15,10 @@ from PIL import Image
 
 from avqa import load_audio, load_image, load_records
 from omni.inputs import MediaSettings
-from orchestrator.samples import SAMPLES_FILE, SampleLog, is_due, media_name, pick, read_samples
 from orchestrator.scoring import ScoringRules, score_step
 from rewards import RewardSet
 from rollout.types import Completion, RolloutResult
+from watch.samples import SAMPLES_FILE, SampleLog, is_due, media_name, pick, read_samples
 
 RIGHT = "<think>the shape is {colour} and the tone is {tone}</think><answer>{letter}</answer>"
 WRONG = "I think it is <answer>{letter}</answer>"

@@ -144,7 +144,7 @@ def test_dynamic_sampling_drops_flat_groups_and_draws_more() -> None:
 
 
 def test_completions_keep_what_was_scored_through_the_filters() -> None:
-    """`ScoredStep.completions` (what orchestrator/samples.py shows): each completion's text, reward
+    """`ScoredStep.completions` (what watch/samples.py shows): each completion's text, reward
     parts, the total its advantage came from (overlong penalty included) and that advantage; the
     dynamic-sampling filter keeps them, like the step's metrics, as the first rollout had them."""
     rules = ScoringRules(overlong="penalty", max_new_tokens=10, overlong_buffer=4)

@@ -2,9 +2,10 @@
 
 - The settings dataclasses' own defaults (for callers that build them by hand) equal what
   `orchestrator.settings` makes of `RunConfig()`.
-- Every leaf key of `RunConfig`, changed to another valid value, changes what
-  `orchestrator.settings` builds, or is listed below with the module that reads it directly (and
-  that module's source reads it). A new key that nothing consumes fails here.
+- Every leaf key of `RunConfig`, changed to another valid value, changes the run's plan
+  (`orchestrator.plan.RunPlan`, which the trainer starts from without going back to the config) or
+  what `orchestrator.settings` builds, or is listed below with the module that reads it before a
+  plan exists (and that module's source reads it). A new key that nothing consumes fails here.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ from typing import Any, Literal, get_args, get_origin
 import pytest
 from pydantic import BaseModel
 
+from evaluation.evaluate import EvalSettings
 from learner.types import LearnerSettings
 from omni.inputs import MediaSettings
 from orchestrator.config import RunConfig
-from orchestrator.evaluate import EvalSettings
+from orchestrator.plan import Cluster, make_plan
 from orchestrator.settings import (
     engine_settings,
     eval_settings,
@@ -32,47 +34,14 @@ from rollout.types import EngineSettings, SamplingSettings
 REPO = Path(__file__).resolve().parent.parent
 MODEL = Path("/models/m")
 
-# keys the orchestrator reads itself (not through a settings object): key → (file, text it contains)
+# keys read before a plan exists, outside it (the data, the Ray cluster): key → (file, text it contains)
 DIRECT: dict[str, tuple[str, str]] = {
-    "output_dir": ("orchestrator/trainer.py", "config.output_dir"),
-    "total_steps": ("orchestrator/config.py", "self.total_steps"),
-    "epochs": ("orchestrator/config.py", "self.epochs"),
-    "data.train": ("orchestrator/trainer.py", "config.data.train"),
-    "data.valid": ("orchestrator/trainer.py", "config.data.valid"),
+    "data.train": ("orchestrator/data.py", "data.train"),
+    "data.valid": ("orchestrator/data.py", "data.valid"),
     "data.media_root": ("orchestrator/data.py", "media_root=data.media_root"),
-    "data.shuffle": ("orchestrator/trainer.py", "config.data.shuffle"),
-    "grpo.group_size": ("orchestrator/trainer.py", "grpo.group_size"),
-    "grpo.questions_per_step": ("orchestrator/trainer.py", "grpo.questions_per_step"),
-    "grpo.warn_no_signal_steps": ("orchestrator/trainer.py", "grpo.warn_no_signal_steps"),
-    "grpo.dynamic_sampling": ("orchestrator/trainer.py", "c.grpo.dynamic_sampling"),
-    "grpo.max_extra_rollouts": ("orchestrator/trainer.py", "c.grpo.max_extra_rollouts"),
-    "rollout.num_engines": ("orchestrator/trainer.py", "c.rollout.num_engines"),
-    "rollout.cpus_per_engine": ("orchestrator/trainer.py", "c.rollout.cpus_per_engine"),
-    "rollout.resources": ("orchestrator/placement.py", "engine_resources=r.resources"),
-    "learner.cpus_per_rank": ("orchestrator/trainer.py", "c.learner.cpus_per_rank"),
-    "learner.resources": ("orchestrator/placement.py", "learner_resources=lc.resources"),
-    "rewards.weights": ("orchestrator/trainer.py", "config.rewards.weights"),
-    "rewards.lenient": ("orchestrator/trainer.py", "config.rewards.lenient"),
-    "sync.every": ("orchestrator/trainer.py", "c.sync.every"),
-    "sync.bucket_mb": ("orchestrator/trainer.py", "c.sync.bucket_mb"),
-    "sync.backend": ("orchestrator/trainer.py", "c.sync.backend"),
-    "sync.timeout_s": ("orchestrator/trainer.py", "c.sync.timeout_s"),
-    "eval.every": ("orchestrator/trainer.py", "c.eval.every"),
-    "eval.subset": ("orchestrator/evalrun.py", "config.eval.subset"),
-    "eval.at_end": ("orchestrator/trainer.py", "c.eval.at_end"),
-    "eval.at_start": ("orchestrator/trainer.py", "c.eval.at_start"),
-    "log.samples_every": ("orchestrator/trainer.py", "c.log.samples_every"),
-    "log.samples_per_step": ("orchestrator/trainer.py", "c.log.samples_per_step"),
-    "checkpoint.every": ("orchestrator/trainer.py", "c.checkpoint.every"),
-    "checkpoint.keep_last": ("orchestrator/trainer.py", "config.checkpoint.keep_last"),
-    "checkpoint.at_end": ("orchestrator/trainer.py", "c.checkpoint.at_end"),
-    "placement.mode": ("orchestrator/placement.py", "config.placement.mode"),
-    "ray.address": ("orchestrator/trainer.py", "c.ray.address"),
-    "ray.num_cpus": ("orchestrator/trainer.py", "c.ray.num_cpus"),
-    "ray.use_gpus": ("orchestrator/trainer.py", "c.ray.use_gpus"),
-    "faults.max_engine_restarts": ("orchestrator/trainer.py", "faults.max_engine_restarts"),
-    "faults.max_restarts": ("orchestrator/trainer.py", "faults.max_restarts"),
-    "faults.max_nonfinite_steps": ("orchestrator/trainer.py", "faults.max_nonfinite_steps"),
+    "ray.address": ("orchestrator/trainer.py", "config.ray.address"),
+    "ray.num_cpus": ("orchestrator/trainer.py", "config.ray.num_cpus"),
+    "ray.use_gpus": ("orchestrator/trainer.py", "config.ray.use_gpus"),
 }
 
 # values that the type alone does not suggest
@@ -159,7 +128,11 @@ def with_values(values: dict[str, Any], base: RunConfig | None = None) -> RunCon
 
 
 def built(config: RunConfig) -> tuple[Any, ...]:
+    """What the trainer starts from: the run's plan (its config record aside), and the settings the
+    evaluation job and the benchmarks build directly."""
+    plan = make_plan(config, Cluster(use_gpus=False), train_size=100)
     return (
+        plan,
         engine_settings(config),
         learner_settings(config, 3),
         sampling_settings(config),

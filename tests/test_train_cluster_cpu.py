@@ -1,5 +1,5 @@
 """Training on Ray clusters: two nodes (engines on one, learners on the other) and `ray job submit`
-with a config's relative paths (the path rule: `orchestrator.config.with_absolute_paths`)."""
+with a config's relative paths (the path rule: `orchestrator.paths.with_absolute_paths`)."""
 
 from __future__ import annotations
 
@@ -24,13 +24,8 @@ import pytest
 from pydantic import BaseModel
 from test_train_e2e_cpu import tiny_config
 
-from orchestrator.config import (
-    ConfigError,
-    RunConfig,
-    dump_config,
-    load_config,
-    with_absolute_paths,
-)
+from orchestrator.config import ConfigError, RunConfig, dump_config, load_config
+from orchestrator.paths import with_absolute_paths
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -124,7 +119,7 @@ def test_a_path_key_the_walk_cannot_handle_is_refused() -> None:
 
 
 def test_eval_checkpoint_is_resolved_and_checked(synth_dir, tmp_path, monkeypatch, capsys) -> None:
-    from orchestrator.cli import main
+    from echoink.cli import main
 
     monkeypatch.chdir(tmp_path)
     valid = synth_dir / "valid" / "omni_rl_format_valid.json"
@@ -245,9 +240,9 @@ def a_checkout(root: Path, tiny_checkpoint: Path, synth_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def prometheus(ray_head, tmp_path_factory):
     """A real Prometheus (Debian's package; .ci/run installs it) scraping the head as it does on a
-    cluster's head node (orchestrator.monitoring.start_prometheus), every second. Without one,
+    cluster's head node (watch.monitoring.start_prometheus), every second. Without one,
     the error (which says how to install it): the test that queries it fails, the others run."""
-    from orchestrator.monitoring import start_prometheus
+    from watch.monitoring import start_prometheus
 
     port = free_port()
     try:
@@ -381,8 +376,8 @@ def test_the_dashboard_lists_the_runs_actors_by_name_with_role_node_device_and_v
 
 
 def test_prometheus_scrapes_the_run_and_the_grafana_dashboard_charts_it(submitted, prometheus) -> None:
-    from orchestrator.metrics import prometheus_name
-    from orchestrator.monitoring import DASHBOARD_FILE, PANELS, dashboard_metrics, metric_names
+    from watch.metrics_log import prometheus_name
+    from watch.monitoring import DASHBOARD_FILE, PANELS, dashboard_metrics, metric_names
 
     if isinstance(prometheus, Exception):
         pytest.fail(f"no Prometheus: {prometheus}")

@@ -10,14 +10,14 @@ import pytest
 import torch
 from chromium import open_page
 
+from echoink.cli import main
 from omni.metrics import unknown
 from orchestrator.checkpoint import list_checkpoints, read_run_state
-from orchestrator.cli import main
 from orchestrator.config import load_config
-from orchestrator.metrics import read_metrics
-from orchestrator.samples import read_samples
 from orchestrator.trainer import train
 from rewards import register_reward
+from watch.jsonl import read_metrics
+from watch.samples import read_samples
 
 REQUIRED_KEYS = (
     "step",

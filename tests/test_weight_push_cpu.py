@@ -10,7 +10,7 @@ from avqa import load_records
 from learner.group import LearnerGroup
 from learner.types import Experience
 from omni.inputs import load_processor
-from orchestrator.weights import WeightSync
+from orchestrator.weight_sync import WeightSync
 from rollout.engine import RolloutEngine
 from rollout.pool import EnginePool
 from rollout.types import EngineSettings, SamplingSettings

@@ -6,7 +6,7 @@ import math
 from collections.abc import Sequence
 from pathlib import Path
 
-from orchestrator.metrics import read_metrics
+from watch.jsonl import read_metrics
 
 FIGURES: dict[str, tuple[str, Sequence[tuple[str, str]]]] = {
     "training_curves": ("Accuracy reward and completion length", (("reward/accuracy", "accuracy reward"), ("completion_length/mean", "completion length"))),

@@ -1,5 +1,5 @@
 """Evaluation that can be trusted: the same engines for any checkpoint, under a named protocol
-(`orchestrator.protocols`: ``fair`` — the training prompt and the reward's answer parsing, greedy
+(`evaluation.protocols`: ``fair`` — the training prompt and the reward's answer parsing, greedy
 or sampled — or the paper's ``paper-base`` / ``paper-trained``), with modality ablations.
 
 Outputs: ``results.jsonl`` (one row per question and condition), ``summary.json``, a console table.
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -18,9 +18,9 @@ import numpy as np
 from PIL import Image
 
 from avqa import Record, load_audio, load_image, load_video
+from evaluation.protocols import Protocol, get_protocol, with_token_limit
+from evaluation.stats import is_reflective, mean_interval, prediction, wilson_interval
 from omni.inputs import MediaSettings
-from orchestrator.evalstats import is_reflective, mean_interval, prediction, wilson_interval
-from orchestrator.protocols import Protocol, get_protocol, with_token_limit
 from rewards import AccuracyMatch, accuracy_reward, format_reward
 from rollout.pool import EnginePool
 from rollout.types import SamplingSettings
@@ -40,7 +40,7 @@ class EvalSettings:
     ablate: tuple[str, ...] = ("none",)
     sampling: SamplingSettings = SamplingSettings(seed=0)  # sampled mode; greedy keeps its limit and seed
     media: MediaSettings = MediaSettings()
-    protocol: str = "fair"  # orchestrator.protocols.PROTOCOLS
+    protocol: str = "fair"  # evaluation.protocols.PROTOCOLS
     accuracy_match: AccuracyMatch = "letters"  # the fair protocol's parser: the run's accuracy reward's
     token_limit: int | None = None  # replaces a paper protocol's own limit (rehearsals); summary.json says so
 
@@ -306,3 +306,27 @@ def write_eval(result: EvalResult, out_dir: Path) -> None:
         for row in result.rows:
             fh.write(json.dumps(row) + "\n")
     (out_dir / "summary.json").write_text(json.dumps(result.summary, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def evaluate_in_run(
+    pool: EnginePool,
+    records: Sequence[Record],
+    settings: EvalSettings,
+    *,
+    subset: int,
+    run_dir: Path,
+    step: int,
+    name: str | None,
+    say: Callable[[str], None],
+) -> dict[str, float]:
+    """An evaluation inside a training run, on its engines. ``name`` None: the periodic check (the
+    first ``subset`` questions, no ablations) into eval/step-N; else the whole split with every
+    ablation into eval/NAME, printed. Returns the ``eval/*`` metrics."""
+    if name is None:
+        records, settings = records[:subset], settings.only_plain()
+    folder = run_dir / "eval" / (name or f"step-{step:06d}")
+    result = evaluate_records(pool, list(records), settings, out_dir=folder, checkpoint=str(run_dir))
+    if name is not None:
+        which = "starting" if name == "start" else "final"
+        say(f"evaluation of the {which} weights ({folder}):\n" + result.table())
+    return {f"eval/{k}": v for k, v in result.flat_metrics().items()}

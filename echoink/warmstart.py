@@ -18,8 +18,8 @@ from avqa import Record, load_records
 from learner.group import LearnerGroup
 from learner.types import Experience, LearnerSettings
 from omni.inputs import MediaSettings, load_processor
-from orchestrator.placement import plan
-from orchestrator.runtime import connect
+from orchestrator.placement import Layout, place
+from orchestrator.ray_connect import connect
 
 # Names no option and no cue value: it says what to look at, not what was seen.
 REASONING = "let me match the colour and the tone"
@@ -54,8 +54,8 @@ def warm_start(
     end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     rng = random.Random(seed)
     connect(None, None, ranks * 0.5)
-    placement = plan(use_gpus=False, engines=0, tensor_parallel_size=1, ranks=ranks,
-                     cpus_per_engine=0.5, cpus_per_rank=0.5)
+    placement = place(Layout(use_gpus=False, engines=0, tensor_parallel_size=1, ranks=ranks,
+                             cpus_per_engine=0.5, cpus_per_rank=0.5))
     settings = LearnerSettings(
         model_path=model, num_ranks=ranks, zero_stage=2, dtype="float32", gradient_checkpointing=False,
         micro_batch_size=max(1, -(-batch // ranks)), lr=lr, weight_decay=0.0, lr_schedule="constant",

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import RunConfig, load_config, with_absolute_paths
+from evaluation.paper import EVALS, ReproductionFolders, write_report
+from orchestrator.config import RunConfig, load_config
+from orchestrator.paths import with_absolute_paths
 
 REPO = Path(__file__).resolve().parent.parent
 REFERENCE_CONFIG = REPO / "configs" / "echoink_r1_7b.yaml"
-PAPER = {"base": 0.8053, "trained": 0.8577}  # EchoInk-R1 (arXiv 2505.04623), AVQA-R1-6K validation
 STATE = "reproduce.json"
 
 # The rehearsal: the reference config cut to a CPU box (one engine, two ZeRO-2 ranks over gloo,
@@ -62,35 +63,16 @@ REHEARSAL_OVERRIDES: tuple[str, ...] = (
 REHEARSAL_TOKEN_LIMIT = 24  # the paper protocols' 1024 new tokens, cut for a random tiny model on CPUs
 REHEARSAL_SIZES = {"train": 8, "valid": 6}
 
-EVALS: tuple[tuple[str, str, str], ...] = (
-    # (folder, which model, protocol)
-    ("base-paper", "base", "paper-base"),
-    ("base-fair", "base", "fair"),
-    ("trained-paper", "trained", "paper-trained"),
-    ("trained-fair", "trained", "fair"),
-)
 
 
 @dataclass
-class Reproduction:
-    out: Path
+class Reproduction(ReproductionFolders):
     model: Path
     source: str
     rehearse: bool
     config: RunConfig
     token_limit: int | None
     say: Callable[[str], None]
-
-    @property
-    def data_dir(self) -> Path:
-        return self.out / "data"
-
-    @property
-    def train_dir(self) -> Path:
-        return self.out / "train"
-
-    def eval_dir(self, name: str) -> Path:
-        return self.out / "eval" / name
 
 
 def reproduce(
@@ -140,7 +122,10 @@ def reproduce(
         return state
     state.pop("stopped", None)
     _evaluate(run, "trained", trained)
-    report = write_report(run, trained)
+    c = run.config
+    report = write_report(run, model=run.model, trained=trained, rehearse=run.rehearse, token_limit=run.token_limit,
+                          training={"rewards.accuracy_match": c.rewards.accuracy_match, "sampling.top_k": c.sampling.top_k,
+                                    "sampling.max_new_tokens": c.sampling.max_new_tokens})
     state["report"] = str(report)
     _write_state(out, state)
     say(f"[reproduce] report: {report}")
@@ -229,7 +214,7 @@ def _config(
 
 def _connect(config: RunConfig) -> None:
     """One Ray for every stage, with the logical CPUs the training needs."""
-    from orchestrator.runtime import connect
+    from orchestrator.ray_connect import connect
 
     c = config
     connect(c.ray.address, c.ray.num_cpus, c.rollout.num_engines * c.rollout.cpus_per_engine + c.learner.num_ranks * c.learner.cpus_per_rank)
@@ -255,7 +240,7 @@ def _curate(run: Reproduction, split: str) -> dict[str, Any]:
 
 def _evaluate(run: Reproduction, which: str, checkpoint: Path) -> None:
     """The evaluations of one model (``which``: base | trained) not done yet, on one set of engines."""
-    from orchestrator.evalrun import run_evals
+    from echoink.eval_job import run_evals
 
     todo = []
     for name, model, protocol in EVALS:
@@ -299,86 +284,3 @@ def _train(run: Reproduction, stop_after_steps: int | None) -> Path | None:
     if "checkpoint" not in summary:
         raise RuntimeError(f"{summary_path}: training finished without a final checkpoint (checkpoint.at_end false?)")
     return Path(summary["checkpoint"])
-
-
-# ---------------------------------------------------------------------------------- report
-def _summary(run: Reproduction, name: str) -> dict[str, Any]:
-    path = run.eval_dir(name) / "summary.json"
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def _pct(value: float) -> str:
-    return f"{100 * value:.2f}"
-
-
-def _acc(summary: dict[str, Any]) -> str:
-    lo, hi = summary["ci95"]
-    return f"{_pct(summary['accuracy'])} [{_pct(lo)}, {_pct(hi)}]"
-
-
-def _paired(result: dict[str, Any]) -> str:
-    delta = result["accuracy_b"] - result["accuracy_a"]
-    return (
-        f"{100 * delta:+.2f} ({result['a_wrong_b_right']} wins, {result['a_right_b_wrong']} losses, "
-        f"McNemar p = {result['mcnemar']['p_value']:.3g})"
-    )
-
-
-def write_report(run: Reproduction, trained: Path) -> Path:
-    """report.md: the paper's numbers, ours under the paper's protocols and under the fair one."""
-    from orchestrator.evalrun import compare
-
-    s = {name: _summary(run, name) for name, _, _ in EVALS}
-    paper_pair = compare(run.eval_dir("base-paper"), run.eval_dir("trained-paper"), allow_mixed_protocols=True)
-    fair_pair = compare(run.eval_dir("base-fair"), run.eval_dir("trained-fair"))
-    train_summary = json.loads((run.train_dir / "summary.json").read_text(encoding="utf-8"))
-    counts = {split: json.loads((run.data_dir / split / "curate.json").read_text(encoding="utf-8")) for split in ("train", "valid")}
-    paper_gain = f"{100 * (PAPER['trained'] - PAPER['base']):+.2f}"
-    steps = train_summary["steps"]
-    reward = train_summary.get("last", {}).get("reward/accuracy")
-    lines = [
-        "# Reproducing EchoInk-R1" + (" — rehearsal (tiny random model, synthetic data)" if run.rehearse else ""),
-        "",
-        f"- base model: `{run.model}`",
-        f"- trained model: `{trained}` ({steps} GRPO steps with `{Path(train_summary['run_dir'])}`)",
-        f"- data: {counts['train']['check']}; {counts['valid']['check']}",
-        f"- validation questions scored: {s['base-fair']['questions']}",
-        f"- training: accuracy reward of the last step {'—' if reward is None else f'{reward:.3f}'}; config "
-        f"rewards.accuracy_match `{run.config.rewards.accuracy_match}`, sampling.top_k {run.config.sampling.top_k}, "
-        f"sampling.max_new_tokens {run.config.sampling.max_new_tokens}",
-        "",
-        "Validation accuracy in % with 95 % intervals (Wilson); paired tests on the same questions.",
-        "",
-        "| | paper | ours, the paper's protocol | ours, fair protocol |",
-        "|---|---|---|---|",
-        f"| base model | {_pct(PAPER['base'])} (paper-base) | {_acc(s['base-paper'])} | {_acc(s['base-fair'])} |",
-        f"| after {steps} steps | {_pct(PAPER['trained'])} (paper-trained, 562 steps) | {_acc(s['trained-paper'])} | "
-        f"{_acc(s['trained-fair'])} |",
-        f"| gain (paired: before → after) | {paper_gain} | {_paired(paper_pair)} | {_paired(fair_pair)} |",
-        f"| format rate, base → after | — | {s['base-paper']['format_rate']:.3f} → {s['trained-paper']['format_rate']:.3f} | "
-        f"{s['base-fair']['format_rate']:.3f} → {s['trained-fair']['format_rate']:.3f} |",
-        f"| completions cut at the token limit, base → after | — | {s['base-paper']['cut_rate']:.3f} → "
-        f"{s['trained-paper']['cut_rate']:.3f} | {s['base-fair']['cut_rate']:.3f} → {s['trained-fair']['cut_rate']:.3f} |",
-        "",
-        "The paper's column pairs two protocols (`paper-base` before, `paper-trained` after: another prompt, "
-        "system message and decoding), so its gain mixes the training's effect with the protocols'. The fair "
-        "column asks both models the same way (the training prompt, greedy, the reward's parser): its gain is "
-        "the training's.",
-        "",
-        "Protocols as run (summary.json of each folder):",
-        "",
-    ]
-    for name, which, protocol in EVALS:
-        d = s[name]["protocol"]["decoding"]
-        decoding = (
-            "greedy" if d["temperature"] == 0 else f"temperature {d['temperature']:g}, top-p {d['top_p']:g}, top-k {d['top_k']}"
-        )
-        lines.append(
-            f"- `eval/{name}` ({which} model, {protocol}): {decoding}, {d['max_new_tokens']} new tokens, "
-            f"parser {s[name]['protocol']['parser']}"
-        )
-    if run.token_limit is not None:
-        lines += ["", f"Rehearsal: the paper protocols' token limit was cut from 1024 to {run.token_limit}."]
-    path = run.out / "report.md"
-    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return path

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from avqa import REASONING_INSTRUCTION, Record
 from avqa.prompt import PromptOverride, with_prompt
-from orchestrator.evalstats import prediction
+from evaluation.stats import prediction
 from rewards import AccuracyMatch, accuracy_reward, extract_answer
 from rollout.types import SamplingSettings
 

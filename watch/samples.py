@@ -13,15 +13,15 @@ import json
 import re
 import wave
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from avqa import MediaError, load_audio, load_image
+from avqa import MediaError, Record, load_audio, load_image
 from omni.inputs import MediaSettings
-from orchestrator.metrics import numbered_jsonl
-from orchestrator.scoring import ScoredCompletion
+from watch.jsonl import numbered_jsonl
 
 SAMPLES_FILE = "samples.jsonl"
 MEDIA_DIR = "samples"
@@ -29,6 +29,19 @@ THUMBNAIL_SIDE = 256  # px: enough to see what the picture shows, small enough t
 # every row of samples.jsonl holds these (the report reads them; `read_samples` checks them)
 FIELDS = ("step", "slot", "id", "question", "options", "answer", "completion", "rewards", "reward",
           "advantage", "image", "audio")
+
+
+@dataclass(frozen=True)
+class ScoredCompletion:
+    """One completion as it was scored (by `orchestrator.scoring`), for people to read."""
+
+    record: Record
+    text: str
+    tokens: int
+    finish_reason: str
+    rewards: dict[str, float]  # each reward component before weighting
+    reward: float  # the weighted total the advantage was computed from (overlong penalty included)
+    advantage: float
 
 
 def is_due(step: int, every: int) -> bool:

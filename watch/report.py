@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from orchestrator.metrics import read_jsonl
-from orchestrator.samples import read_samples
+from watch.jsonl import read_jsonl
+from watch.samples import read_samples
 
 CONDITION_WORDS = {
     "none": "as given",
@@ -164,7 +164,7 @@ def _config(run_dir: Path) -> dict[str, Any] | None:
 
 
 def _curves(rows: list[dict[str, Any]], path: Path) -> str:
-    from orchestrator.plot import render_figures
+    from watch.plot import render_figures
 
     out = ["<h2>Training curves</h2>"]
     if not rows:

@@ -97,7 +97,7 @@ def _model_tiny(args: argparse.Namespace) -> int:
 
 
 def _model_warmstart(args: argparse.Namespace) -> int:
-    from orchestrator.warmstart import warm_start
+    from echoink.warmstart import warm_start
 
     summary = warm_start(
         args.model, args.data, args.out, steps=args.steps, batch=args.batch, lr=args.lr, ranks=args.ranks, seed=args.seed
@@ -110,12 +110,12 @@ def _model_warmstart(args: argparse.Namespace) -> int:
 
 
 def _absolute_config(config: RunConfig, must_exist: tuple[str, ...] | None = None) -> RunConfig:
-    """The path rule (`orchestrator.config.with_absolute_paths`): every path key absolute against
+    """The path rule (`orchestrator.paths.with_absolute_paths`): every path key absolute against
     the directory this command was started in, before any actor sees the config; its warnings
     printed as one line each."""
     import warnings
 
-    from orchestrator.config import with_absolute_paths
+    from orchestrator.paths import with_absolute_paths
 
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -150,9 +150,37 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _eval(args: argparse.Namespace) -> int:
+def _plan(args: argparse.Namespace) -> int:
+    """What `echoink train` would do with this config on a cluster of ``--gpus`` GPUs, without
+    starting anything: the plan it computes before its first actor."""
     from orchestrator.config import load_config
-    from orchestrator.evalrun import run_eval
+    from orchestrator.data import load_run_data
+    from orchestrator.plan import cluster_of, make_plan
+
+    if args.gpus < 0 or (args.questions is not None and args.questions < 1):
+        raise ValueError("--gpus must be 0 or more and --questions 1 or more")
+    config = load_config(args.config, args.set, recipe=args.recipe)
+    records = None  # without the data, the engines' media (media.per_prompt: auto) allow every medium
+    if args.questions is None:
+        import tempfile
+
+        config = _absolute_config(config, must_exist=("data.train",))
+        with tempfile.TemporaryDirectory() as scratch:  # skipped records are counted here, not written anywhere
+            data = load_run_data(config.data, Path(scratch), lambda message: print(f"echoink: {message}"))
+        questions, records = len(data.train), [*data.train, *data.valid]
+    else:
+        config, questions = _absolute_config(config, must_exist=()), args.questions
+    try:
+        plan = make_plan(config, cluster_of(config.ray.use_gpus, args.gpus), train_size=questions, records=records)
+    except RuntimeError as exc:  # a layout the cluster cannot hold: the answer to this command, not a crash
+        raise ValueError(f"{exc} (--gpus {args.gpus})") from None
+    print(plan.describe())
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from echoink.eval_job import run_eval
+    from orchestrator.config import load_config
 
     # the checkpoint comes from --checkpoint, not model_path: only the split's data must exist
     config = _absolute_config(load_config(args.config, args.set), must_exist=(f"data.{args.split}", "data.media_root"))
@@ -180,7 +208,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     import json
 
-    from orchestrator.evalrun import compare, compare_table
+    from evaluation.results import compare, compare_table
 
     result = compare(args.a, args.b, condition=args.condition, allow_mixed_protocols=args.allow_mixed_protocols)
     print(compare_table(result))
@@ -191,7 +219,7 @@ def _compare(args: argparse.Namespace) -> int:
 
 
 def _reproduce(args: argparse.Namespace) -> int:
-    from orchestrator.reproduce import reproduce
+    from echoink.reproduce import reproduce
 
     state = reproduce(
         args.out,
@@ -208,7 +236,7 @@ def _reproduce(args: argparse.Namespace) -> int:
 
 
 def _plot(args: argparse.Namespace) -> int:
-    from orchestrator.plot import plot_run
+    from watch.plot import plot_run
 
     paths = plot_run(
         args.run_dir, out_dir=args.out, smoothing=args.smooth, width=args.width, height=args.height, dpi=args.dpi
@@ -219,7 +247,7 @@ def _plot(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from orchestrator.report import build_report
+    from watch.report import build_report
 
     print(build_report(args.run_dir, args.out, sample_steps=args.sample_steps))
     return 0
@@ -295,6 +323,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="train K steps in this invocation, checkpoint, and exit (continue later with --resume)",
     )
     train.set_defaults(func=_train)
+
+    plan = sub.add_parser(
+        "plan", help="print what `echoink train` would do with a config (placement, settings, warnings); starts nothing",
+        description=path_rule,
+    )
+    _add_config_args(plan)
+    plan.add_argument("--recipe", type=Path, metavar="FILE", help="as for echoink train")
+    plan.add_argument("--gpus", type=int, default=0, metavar="N",
+                      help="plan for a cluster of N GPUs (default 0: CPUs only)")
+    plan.add_argument("--questions", type=int, metavar="N",
+                      help="plan for N training questions instead of reading data.train (a cluster's data, elsewhere)")
+    plan.set_defaults(func=_plan)
 
     ev = sub.add_parser(
         "eval", help="evaluate a checkpoint on a split (greedy or sampled, with ablations)", description=path_rule
