@@ -1,6 +1,6 @@
 """The EchoInk-R1 paper's numbers beside ours: the folders of an `echoink reproduce` run, the four
 evaluations it makes, and its ``report.md`` (the stages that fill the folders are the driver's:
-`orchestrator.reproduce`)."""
+`echoink.reproduce`)."""
 
 from __future__ import annotations
 
