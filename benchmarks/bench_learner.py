@@ -124,7 +124,7 @@ def bare_step(settings: Any, experiences: Sequence[Any], steps: int, profile: bo
     import torch
     import torch.nn.functional as F
 
-    from learner.worker import build_thinker
+    from learner.model import build_thinker, resolve_dtype
     from omni.inputs import (
         add_positions,
         collate,
@@ -139,8 +139,7 @@ def bare_step(settings: Any, experiences: Sequence[Any], steps: int, profile: bo
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    # the dtype as LearnerWorker.setup resolves it
-    dtype = (torch.bfloat16 if cuda else torch.float32) if settings.dtype == "auto" else getattr(torch, settings.dtype)
+    dtype = resolve_dtype(settings.dtype, cuda)  # as a learner rank resolves it
     model = build_thinker(settings, device, dtype)  # the learner's own build: the same weights
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -87,7 +87,7 @@ def padded(experiences: Sequence[Experience], order: Sequence[Sequence[int]]) ->
     for s in shards:
         filler = s[-1] if s else experiences[0]  # the last question's prompt: already in the last micro-batch
         while len(s) < longest:
-            s.append(Experience(filler.record, filler.completion_ids, 0.0, filler.sampler_logprobs, dummy=True))
+            s.append(Experience(filler.record, filler.completion_ids, 0.0, filler.sampler_logprobs, padding=True))
     return shards
 
 
@@ -106,8 +106,9 @@ class LearnerGroup:
         self.eos_ids = gather([self.workers[0].eos_token_ids.remote()], "setup")[0]
 
     def _norm(self, experiences: Sequence[Experience]) -> LossNorm:
-        """The counts of the experiences that are trained (a masked one, ``dummy``, adds nothing)."""
-        real = [e for e in experiences if not e.dummy]
+        """The counts of the experiences that are trained (a masked overlong one adds nothing;
+        padding comes later, when the batch is dealt to the ranks)."""
+        real = [e for e in experiences if e.in_loss]
         tokens = sum(sum(completion_mask(e.completion_ids, self.eos_ids)) for e in real)
         return LossNorm(sequences=max(1, len(real)), tokens=float(tokens), length=self.settings.max_new_tokens)
 

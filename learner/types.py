@@ -18,7 +18,17 @@ class Experience:
     advantage: float
     sampler_logprobs: list[float] | None = None  # vLLM's per-token log-probs (mismatch, off-policy IS)
     old_logprobs: list[float] | None = None  # the learner's before the step's first update (several passes)
-    dummy: bool = False  # padding so every rank runs the same number of micro-batches; adds nothing
+    # a copy that evens out the ranks' micro-batches (learner.group.padded: under ZeRO-3 every
+    # rank must run the same forwards); its advantage is 0 and it adds nothing
+    padding: bool = False
+    # cut at the token limit with grpo.overlong "mask" (orchestrator.scoring): its reward counts
+    # in its group's baseline, but it leaves the loss and its normalisation
+    overlong_masked: bool = False
+
+    @property
+    def in_loss(self) -> bool:
+        """Whether its tokens count in the loss (and in the counts the loss is divided by)."""
+        return not (self.padding or self.overlong_masked)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,9 @@
 
 A rank builds model inputs itself (same media path as the engines), computes policy and reference
 log-probs over completion tokens, accumulates gradients over micro-batches and steps once per call.
-It also streams its weights to the rollout engines and writes loadable checkpoints.
+It also streams its weights to the rollout engines and writes loadable checkpoints. What it
+delegates: the models and DeepSpeed's config to `learner.model`, the loss to `learner.grpo`, the
+rollout correction to `learner.correction`, the files of a checkpoint to `learner.checkpoint_io`.
 """
 
 from __future__ import annotations
@@ -15,15 +17,21 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from learner.export import copy_model_files, write_weights
+from learner.checkpoint_io import export_model, load_train_state, save_train_state
+from learner.correction import mismatch_parts, resolve_correction, rollout_weights, sampler_logprobs
 from learner.grpo import LossNorm, aggregate, policy_loss
-from learner.schedule import lr_multiplier
+from learner.model import (
+    build_engine,
+    build_model,
+    build_reference,
+    deepspeed_config,
+    resolve_dtype,
+)
 from learner.types import Experience, LearnerSettings
 from omni.failpoints import failpoint
 from omni.handoff import Channel, Stager, send_over
@@ -58,9 +66,7 @@ from omni.weightsync import (
     send_raw,
 )
 
-TRAIN_STATE_DIR = "train_state"
 HANDOFF_IN_FLIGHT = 2  # buckets staged for a colocated engine at once: extra memory of two buckets
-TRAIN_STATE_TAG = "state"
 
 
 def free_port() -> int:
@@ -76,26 +82,6 @@ def node_ip() -> str:
         return ray.util.get_node_ip_address()
     except Exception:  # outside Ray
         return "127.0.0.1"
-
-
-def freeze_prefixes(model: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
-    """Hold fixed every parameter whose name starts with one of ``prefixes``; returns how many.
-
-    A prefix that matches nothing is a typo in a config, not a no-op: it fails with the names
-    that do exist at the top of the module tree.
-    """
-    params = dict(model.named_parameters())
-    frozen = 0
-    for prefix in prefixes:
-        stem = prefix.rstrip(".")
-        hits = [name for name in params if name == stem or name.startswith(stem + ".")]
-        if not hits:
-            tops = sorted({".".join(n.split(".")[:2]) for n in params})
-            raise ValueError(f"learner.freeze: {prefix!r} matches no parameter; prefixes at hand: {tops}")
-        for name in hits:
-            params[name].requires_grad_(False)
-            frozen += params[name].numel()
-    return frozen
 
 
 class LearnerWorker:
@@ -146,48 +132,15 @@ class LearnerWorker:
         s = self.settings
         if not s.random_init:
             require_safetensors(s.model_path)
-        if s.dtype == "auto":
-            self.dtype = torch.bfloat16 if self.cuda else torch.float32
-        else:
-            self.dtype = getattr(torch, s.dtype)
-        self.ds_config = self._ds_config()
-        model = self._build_model(trainable=True)
+        self.dtype = resolve_dtype(s.dtype, self.cuda)
+        config = deepspeed_config(s, dtype=self.dtype, cuda=self.cuda)
+        model = build_model(s, config, rank=self.rank, device=self.device, dtype=self.dtype, trainable=True)
         self._progress(f"model built ({time.perf_counter() - started:.0f} s)")
-        if s.freeze_audio_tower:
-            model.audio_tower.requires_grad_(False)
-        if s.freeze_vision_tower:
-            model.visual.requires_grad_(False)
-        freeze_prefixes(model, s.freeze)
-        if s.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-        decay, no_decay = [], []
-        for param in model.parameters():
-            if param.requires_grad:
-                (decay if param.ndim >= 2 else no_decay).append(param)
-        groups = [
-            {"params": decay, "weight_decay": s.weight_decay},
-            {"params": no_decay, "weight_decay": 0.0},
-        ]
-
-        def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-            return torch.optim.lr_scheduler.LambdaLR(
-                optimizer,
-                lambda step: lr_multiplier(
-                    step, total=s.total_steps, warmup=s.warmup_steps, kind=s.lr_schedule, min_ratio=s.min_lr_ratio
-                ),
-            )
-
-        if s.train:
-            self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-                model=model, model_parameters=[g for g in groups if g["params"]], config=self.ds_config, lr_scheduler=schedule
-            )
-        else:  # weights only (sync benchmarks): no optimizer states
-            inference = {k: v for k, v in self.ds_config.items() if k not in ("optimizer", "managed_gradient_accumulation")}
-            self.engine, *_ = deepspeed.initialize(model=model, config=inference)
-            self.optimizer = self.scheduler = None
+        self.engine, self.optimizer, self.scheduler = build_engine(s, model, config)
         self._progress(f"DeepSpeed ZeRO-{s.zero_stage} engine ready ({time.perf_counter() - started:.0f} s)")
-        self.reference = self._build_reference() if s.beta > 0 else None
+        self.reference = (
+            build_reference(s, config, rank=self.rank, device=self.device, dtype=self.dtype) if s.beta > 0 else None
+        )
         self.processor = load_processor(s.model_path)
         tokenizer = self.processor.tokenizer
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -213,129 +166,6 @@ class LearnerWorker:
         """Set-up of a large model takes minutes: say where it is (Ray forwards it to the driver)."""
         if self.rank == 0:
             print(f"[echoink] learner: {message}", flush=True)
-
-    def _ds_config(self) -> dict[str, Any]:
-        s = self.settings
-        zero: dict[str, Any] = {
-            "stage": s.zero_stage,
-            "contiguous_gradients": True,
-            "overlap_comm": self.cuda,
-            "reduce_bucket_size": int(5e8),
-        }
-        if s.zero_stage == 3:
-            zero.update(
-                stage3_prefetch_bucket_size=int(5e8),
-                stage3_param_persistence_threshold=int(1e6),
-                stage3_max_live_parameters=int(1e9),
-                stage3_max_reuse_distance=int(1e9),
-            )
-        else:
-            zero["allgather_bucket_size"] = int(5e8)
-        return {
-            "train_micro_batch_size_per_gpu": s.micro_batch_size,
-            "gradient_accumulation_steps": 1,
-            # backward() only accumulates; step() is the boundary: one call of train_step is one
-            # optimizer step whatever the number of micro-batches
-            "managed_gradient_accumulation": False,
-            "gradient_clipping": s.grad_clip,
-            "zero_optimization": zero,
-            "bf16": {"enabled": self.dtype == torch.bfloat16},
-            "optimizer": {
-                "type": "AdamW",
-                "params": {
-                    "lr": s.lr,
-                    "betas": list(s.betas),
-                    "eps": s.adam_eps,
-                    "weight_decay": s.weight_decay,
-                    "torch_adam": True,
-                    "adam_w_mode": True,
-                },
-            },
-            "steps_per_print": 10**9,
-            "wall_clock_breakdown": False,
-        }
-
-    def _build_model(self, trainable: bool) -> torch.nn.Module:
-        import deepspeed
-        from transformers import AutoConfig
-        from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
-
-        s = self.settings
-        if s.zero_stage == 3:
-            config = AutoConfig.from_pretrained(str(s.model_path), local_files_only=True)
-            thinker_config = getattr(config, "thinker_config", config)
-            from transformers.initialization import no_init_weights
-
-            drawn = None
-            if s.random_init and self.rank == 0:
-                # The weights ZeRO-2 would draw, bit for bit: the same build, whole, on rank 0
-                # (before zero.Init, which would partition it), then scattered into the shards
-                # below and freed (rank 0 holds one whole copy meanwhile: 17.9 GB for the 7B in
-                # bf16). transformers' own initialisation cannot run inside zero.Init: it writes
-                # into parameters already partitioned away (and no_init_weights, needed for that
-                # reason, leaves the shards as whatever memory held); its per-module ZeRO-3 variant
-                # draws in another order than the whole build, so other values.
-                drawn = build_thinker(s, self.device, self.dtype)
-            # The dtype comes from the config's bf16 section: DeepSpeed 0.19.8 ignores an explicit
-            # dtype on accelerators without fp16 (the CPU).
-            with deepspeed.zero.Init(config_dict_or_path=self.ds_config), no_init_weights():
-                model = Thinker._from_config(thinker_config, attn_implementation=s.attn_implementation, dtype=self.dtype)
-            if s.random_init:
-                scatter_zero3(model, drawn, self.rank)
-                del drawn
-                if self.cuda:
-                    torch.cuda.empty_cache()  # the whole copy's blocks: the optimizer states want them
-            else:
-                self._load_weights_zero3(model)
-        else:
-            model = build_thinker(s, self.device, self.dtype)
-        model.to(self.device)
-        if not trainable:
-            model.eval()
-            model.requires_grad_(False)
-        return model
-
-    def _load_weights_zero3(self, model: torch.nn.Module) -> None:
-        """Fill partitioned parameters from the checkpoint: rank 0 reads, every rank takes its shard."""
-        import deepspeed
-        from safetensors import safe_open
-
-        files = require_safetensors(self.settings.model_path)
-        location: dict[str, Path] = {}
-        if self.rank == 0:
-            for path in files:
-                with safe_open(str(path), framework="pt") as fh:
-                    for name in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
-                        if name.startswith("thinker."):
-                            location[to_learner_name(name)] = path
-        handles: dict[Path, Any] = {}
-        try:
-            for name, param in model.named_parameters():
-                with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                    if self.rank == 0:
-                        if name not in location:
-                            raise KeyError(f"{self.settings.model_path}: no weight for parameter {name}")
-                        path = location[name]
-                        if path not in handles:
-                            handles[path] = safe_open(str(path), framework="pt")
-                        param.data.copy_(handles[path].get_tensor(to_vllm_name(name)))
-        finally:
-            handles.clear()
-
-    def _build_reference(self) -> Any:
-        import deepspeed
-
-        model = self._build_model(trainable=False)
-        if self.settings.zero_stage == 3:
-            config = {
-                "train_micro_batch_size_per_gpu": self.settings.micro_batch_size,
-                "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": int(1e6)},
-                "bf16": {"enabled": self.dtype == torch.bfloat16},
-            }
-            engine, *_ = deepspeed.initialize(model=model, config=config)
-            engine.eval()
-            return engine
-        return model
 
     # ------------------------------------------------------------------ batches
     def _features(self, experiences: Sequence[Experience], cache: dict[str, PromptFeatures]) -> list[PromptFeatures]:
@@ -386,7 +216,7 @@ class LearnerWorker:
         "per_token" ones Σ value × tokens over the trained (real) tokens; "per_sampled_token" ones
         Σ over the trained tokens that have a sampler log-prob, whose count is the helper
         ``_sampled_tokens`` (helpers start with "_" and are no metric); "max"/"min"/"first" ones the
-        rank's own value. Padding sequences add nothing.
+        rank's own value. Padding and masked overlong completions add nothing.
         """
         s = self.settings
         started = time.perf_counter()
@@ -398,10 +228,11 @@ class LearnerWorker:
         parts["learner/nonfinite_loss"] = 0.0  # reported when nothing went wrong too
         ratio_max, ratio_min = -math.inf, math.inf
         lr = float(self.scheduler.get_last_lr()[0])
+        correction = resolve_correction(s.rollout_correction, s.off_policy, s.clip_eps)
         for start in range(0, len(experiences), s.micro_batch_size):
             micro = experiences[start : start + s.micro_batch_size]
             batch = self._batch(micro, cache)
-            real = torch.tensor([0.0 if e.dummy else 1.0 for e in micro], device=self.device)
+            real = torch.tensor([1.0 if e.in_loss else 0.0 for e in micro], device=self.device)
             mask = batch.completion_mask * real.unsqueeze(1)
             advantages = torch.tensor([e.advantage for e in micro], device=self.device, dtype=torch.float32)
             entropy: list[torch.Tensor] = []
@@ -418,7 +249,6 @@ class LearnerWorker:
                 # PPO's clip against the behaviour policy, which sampled a step ago. A token without
                 # a sampler log-prob is treated as on-policy (ratio 1); see rollout_weights
                 old_logp = torch.where(sampled.known, sampled.logprobs, old_logp)
-            correction = _correction(s)
             is_weights = rollout_weights(logp.detach(), sampled, mask, correction, s) if sampled is not None else None
             loss, metrics = policy_loss(
                 logp,
@@ -458,24 +288,8 @@ class LearnerWorker:
                 ratio_max = max(ratio_max, metrics["ratio/max"])
                 ratio_min = min(ratio_min, metrics["ratio/min"])
             if sampled is not None:
-                detached = logp.detach()
-                zero = torch.zeros_like(detached)
-                prob_gap = torch.where(sampled.known, (torch.exp(detached) - torch.exp(sampled.logprobs)).abs(), zero)
-                logp_gap = torch.where(sampled.known, (detached - sampled.logprobs).abs(), zero)
-                parts["mismatch/token_prob_error"] += float(prob_gap.sum())
-                parts["mismatch/logprob_abs_error"] += float(logp_gap.sum())
-                parts["mismatch/missing_logprobs"] += float(sampled.missing.sum())
-                parts["_sampled_tokens"] += float(sampled.known.sum())
-                # the learner against the sampler on the sampled tokens: KL(μ‖π) by k3 (r − 1 − log r,
-                # r = π/μ) and the log-perplexity gap (mean log μ − mean log π)
-                log_r = torch.where(sampled.known, detached - sampled.logprobs, zero)
-                parts["rollout_correction/kl"] += float(torch.where(sampled.known, log_r.exp() - 1 - log_r, zero).sum())
-                parts["rollout_correction/log_ppl_diff"] += float(-log_r.sum())
-                if is_weights is not None:
-                    w = torch.where(mask > 0, is_weights, zero)
-                    parts["rollout_correction/masked_share"] += float(((w == 0) & (mask > 0)).sum())
-                    parts["_weight_sum"] += float(w.sum())
-                    parts["_weight_sq_sum"] += float((w**2).sum())
+                for name, value in mismatch_parts(logp.detach(), sampled, mask, is_weights).items():
+                    parts[name] += value
         skipped_before = self.engine.skipped_steps
         self.engine.step()  # DeepSpeed skips the update (and clears the gradients) on a non-finite norm
         parts["learner/step_skipped"] = float(self.engine.skipped_steps - skipped_before)
@@ -613,27 +427,17 @@ class LearnerWorker:
                     yield from ((ts.name, t) for ts, t in zip(spec.tensors, tensors, strict=True))
 
         if self.rank == 0:
-            copy_model_files(Path(self.settings.model_path), dest)
-            write_weights(dest, named())
+            export_model(Path(self.settings.model_path), dest, named())
         else:
             for _ in named():
                 pass
         if train_state:
-            self.engine.save_checkpoint(
-                str(dest / TRAIN_STATE_DIR), tag=TRAIN_STATE_TAG, client_state=client_state or {}, save_latest=False
-            )
+            save_train_state(self.engine, dest, client_state)
         return {"rank": self.rank, "folder": str(dest)}
 
     def load_train_state(self, folder: str) -> dict[str, Any]:
-        # DeepSpeed unpickles its train state with weights_only=False: load it safely instead
-        self.engine.checkpoint_engine.load = safe_torch_load
-        _, client_state = self.engine.load_checkpoint(
-            str(Path(folder) / TRAIN_STATE_DIR),
-            tag=TRAIN_STATE_TAG,
-            load_optimizer_states=True,
-            load_lr_scheduler_states=True,
-        )
-        return client_state or {}
+        """Restore the optimizer, schedule and weights that :meth:`save` wrote; returns its client state."""
+        return load_train_state(self.engine, Path(folder))
 
     def ping(self) -> int:
         return self.rank
@@ -645,64 +449,6 @@ class LearnerWorker:
         return actor_repr(f"learner rank {self.rank}/{self.world_size}", f"step {self.steps_done}")
 
 
-def safe_torch_load(path: str, map_location: Any = None) -> Any:
-    """torch.load with weights_only=True, admitting the three plain-data DeepSpeed types that its
-    optimizer states hold; anything else in the file is refused, not executed."""
-    from deepspeed.runtime.fp16.loss_scaler import LossScaler
-    from deepspeed.runtime.zero.config import ZeroStageEnum
-    from deepspeed.utils.tensor_fragment import fragment_address
-
-    with torch.serialization.safe_globals([LossScaler, ZeroStageEnum, fragment_address]):
-        return torch.load(path, map_location=map_location, weights_only=True)
-
-
-def build_thinker(settings: LearnerSettings, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
-    """The whole (unpartitioned) thinker: the checkpoint's weights, or with ``random_init``
-    transformers' initialisation drawn from ``settings.seed`` on ``device``.
-
-    One function for every path that draws random weights — ZeRO-2 ranks, ZeRO-3's rank 0 (which
-    scatters them into the partitions) and the bare forward/backward of
-    benchmarks/bench_learner.py — so that they all start from the same values for a seed.
-    """
-    from transformers import AutoConfig
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
-
-    if not settings.random_init:
-        return Thinker.from_pretrained(
-            str(settings.model_path),
-            dtype=dtype,
-            attn_implementation=settings.attn_implementation,
-            local_files_only=True,
-            use_safetensors=True,  # never unpickle weights
-        )
-    config = AutoConfig.from_pretrained(str(settings.model_path), local_files_only=True)
-    thinker_config = getattr(config, "thinker_config", config)
-    # the same seed for the policy and the reference (they start equal, as from a checkpoint);
-    # built on the device: initialising billions of weights on the host's CPU takes minutes, and
-    # the device's generator is what every path draws from
-    torch.manual_seed(settings.seed)
-    with torch.device(device):
-        return Thinker._from_config(thinker_config, attn_implementation=settings.attn_implementation, dtype=dtype)
-
-
-def scatter_zero3(model: torch.nn.Module, whole: torch.nn.Module | None, rank: int) -> None:
-    """Fill ``model``'s ZeRO-3 partitions with the values of rank 0's unpartitioned ``whole``
-    (None on the other ranks): every rank joins each parameter's gather, rank 0 overwrites the full
-    tensor and every rank keeps its shard of it. Buffers (rotary frequencies) are not partitioned:
-    each rank's construction computed them from the config."""
-    import deepspeed
-
-    if rank == 0 and whole is None:
-        raise ValueError("scatter_zero3: rank 0 needs the whole model")
-    source = dict(whole.named_parameters()) if rank == 0 and whole is not None else {}
-    for name, param in model.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-            if rank == 0:
-                if name not in source:
-                    raise KeyError(f"scatter_zero3: the whole model has no parameter {name}")
-                param.data.copy_(source[name].data)
-
-
 def _numel(param: torch.Tensor) -> int:
     return int(getattr(param, "ds_numel", param.numel()))
 
@@ -712,59 +458,6 @@ def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
     return tuple(shape) if shape is not None else tuple(param.shape)
 
 
-@dataclass(frozen=True)
-class SamplerLogprobs:
-    """The sampler's (vLLM's) log-probs of a micro-batch's completion tokens, [B, C] each."""
-
-    logprobs: torch.Tensor  # float32; NaN where unknown
-    known: torch.Tensor  # bool: a trained token (in the mask) with a finite sampler log-prob
-    missing: torch.Tensor  # bool: a trained token of a completion that came with log-probs, lacking one
-
-
-def _correction(s: LearnerSettings) -> str:
-    """``auto``: truncated importance weights for a one-step-off sampler, unless a clipped loss
-    already takes its ratio against the sampler; none on policy (the reference run)."""
-    if s.rollout_correction == "auto":
-        return "tis" if s.off_policy and s.clip_eps is None else "none"
-    return s.rollout_correction
-
-
-def rollout_weights(
-    logp: torch.Tensor, sampled: SamplerLogprobs, mask: torch.Tensor, correction: str, s: LearnerSettings
-) -> torch.Tensor | None:
-    """Per-token weights of the policy term that correct for sampling with vLLM's probabilities μ
-    instead of the learner's π (a one-step-off sampler, or the two engines' numerical gap):
-
-    - tis: min(π/μ, C), truncated importance sampling (Ionides 2008; Yao et al. 2025, "Your
-      efficient RL framework secretly brings you off-policy RL training"), C = ``is_clip``;
-    - token_mask: 1 where π/μ lies in [low, high], else 0 (the token leaves the loss);
-    - seq_mask: 1 for a whole completion whose geometric-mean ratio exp(mean log π/μ) lies in
-      [low, high], else 0.
-
-    A token without a sampler log-prob is treated as on-policy: weight 1. Its weight π/μ is
-    unknown, and 1 is that weight's expectation under the sampler (E_μ[π/μ] = 1): the token keeps
-    its uncorrected gradient and its place in the loss's normalisation. (Reading log μ as 0 gave
-    the weight π < 1, which shrank exactly the tokens that vLLM failed to report.)
-    """
-    if correction == "none":
-        return None
-    ones = torch.ones_like(logp)
-    if correction == "tis":
-        weights = torch.exp(logp - sampled.logprobs).clamp(max=s.is_clip)
-        return torch.where(sampled.known, weights, ones) * mask
-    log_r = torch.where(sampled.known, logp - sampled.logprobs, torch.zeros_like(logp))
-    low, high = math.log(s.correction_low), math.log(s.correction_high)
-    if correction == "token_mask":
-        keep = (log_r >= low) & (log_r <= high)
-    elif correction == "seq_mask":
-        known = sampled.known.to(logp.dtype)
-        mean = (log_r * known).sum(dim=1, keepdim=True) / known.sum(dim=1, keepdim=True).clamp(min=1)
-        keep = ((mean >= low) & (mean <= high)).expand_as(log_r)
-    else:
-        raise ValueError(f"unknown rollout correction {correction!r}")
-    return keep.to(logp.dtype) * mask
-
-
 def _rows(out: torch.Tensor, rows: Sequence[Sequence[float] | None]) -> torch.Tensor:
     """Per-token values of each completion into ``out`` ([B, C]); shorter rows keep out's value."""
     for i, row in enumerate(rows):
@@ -772,36 +465,3 @@ def _rows(out: torch.Tensor, rows: Sequence[Sequence[float] | None]) -> torch.Te
             n = min(len(row), out.shape[1])
             out[i, :n] = torch.tensor(list(row[:n]), dtype=out.dtype)
     return out
-
-
-def sampler_logprobs(rows: Sequence[Sequence[float] | None], mask: torch.Tensor) -> SamplerLogprobs | None:
-    """Line up each completion's sampler log-probs with its tokens; ``None`` when no completion
-    carries any (batches built without a sampler: nothing to compare or to weight).
-
-    A missing entry (a list shorter than the completion) or a non-finite one is unknown, never
-    0, which would mean "the sampler was certain" and skew the mismatch metrics and the
-    importance weights. Unknown tokens of a completion that came with log-probs are ``missing``
-    (counted as ``mismatch/missing_logprobs``); a completion without any (``None``) is not
-    counted: nothing was asked of a sampler for it.
-    """
-    if all(row is None for row in rows):
-        return None
-    if len(rows) != mask.shape[0]:
-        raise ValueError(f"{len(rows)} rows of sampler log-probs for a batch of {mask.shape[0]} completions")
-    values = torch.full(mask.shape, math.nan, dtype=torch.float32)
-    given = torch.zeros(mask.shape[0], dtype=torch.bool)
-    for i, row in enumerate(rows):
-        if row is None:
-            continue
-        given[i] = True
-        n = min(len(row), mask.shape[1])
-        if n:
-            values[i, :n] = torch.tensor(list(row[:n]), dtype=torch.float32)
-    values = values.to(mask.device)
-    finite = torch.isfinite(values)
-    trained = mask > 0
-    return SamplerLogprobs(
-        logprobs=values,
-        known=finite & trained,
-        missing=~finite & trained & given.to(mask.device).unsqueeze(1),
-    )

@@ -12,6 +12,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from learner.correction import resolve_correction
+
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
@@ -110,10 +112,8 @@ class GRPOConfig(Section):
 
     @property
     def correction(self) -> str:
-        """The rollout correction in force (``auto`` resolved)."""
-        if self.rollout_correction == "auto":  # as learner.worker._correction
-            return "tis" if self.off_policy and self.clip_eps is None else "none"
-        return self.rollout_correction
+        """The rollout correction in force (``auto`` resolved by the learner's own rule)."""
+        return resolve_correction(self.rollout_correction, self.off_policy, self.clip_eps)
 
     @property
     def clip(self) -> tuple[float, float] | None:

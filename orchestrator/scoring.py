@@ -108,8 +108,8 @@ def score_step(
     advantages = compute_advantages(rules.advantage, totals, ids, rules.adv_eps).tolist()
     masked = [rules.overlong == "mask" and c for c in cut]
     experiences = [
-        Experience(record, completion.token_ids, float(adv), completion.logprobs, dummy=hide)
-        for (record, completion), adv, hide in zip(kept, advantages, masked, strict=True)
+        Experience(record, completion.token_ids, float(adv), completion.logprobs, overlong_masked=is_masked)
+        for (record, completion), adv, is_masked in zip(kept, advantages, masked, strict=True)
     ]
     completions = [
         ScoredCompletion(record, completion.text, len(completion.token_ids), completion.finish_reason,
@@ -173,7 +173,7 @@ def fill_informative(
     if not experiences:  # nothing had signal: learn on the batch as it came (every advantage 0)
         experiences = scored.experiences
     metrics = {**kept.metrics, "filter/dropped_groups": float(dropped), "filter/extra_rollouts": float(rounds),
-               "data/completions": float(sum(not e.dummy for e in experiences))}
+               "data/completions": float(sum(not e.overlong_masked for e in experiences))}
     return ScoredStep(experiences, metrics, kept.failed, kept.completions)
 
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from learner.advantages import ADVANTAGES, advantages
+from learner.correction import SamplerLogprobs, rollout_weights
 from learner.group import combine, split_by_question
 from learner.grpo import LossNorm, aggregate, policy_loss
 from learner.types import LearnerSettings
-from learner.worker import SamplerLogprobs, rollout_weights
 
 F = torch.float64
 IDS = ["a", "a", "a", "b", "b"]

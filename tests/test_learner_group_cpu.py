@@ -75,8 +75,8 @@ def experiences(tiny_checkpoint: Path, train_json: Path) -> list[Experience]:
 def test_shard_balances_and_pads(experiences) -> None:
     shards = shard(experiences[:5], 2)
     assert [len(s) for s in shards] == [3, 3]
-    assert sum(e.dummy for s in shards for e in s) == 1
-    assert sorted(id(e) for s in shards for e in s if not e.dummy) == sorted(id(e) for e in experiences[:5])
+    assert sum(e.padding for s in shards for e in s) == 1
+    assert sorted(id(e) for s in shards for e in s if not e.padding) == sorted(id(e) for e in experiences[:5])
 
 
 def test_shard_keeps_a_questions_completions_together(experiences) -> None:
@@ -84,16 +84,16 @@ def test_shard_keeps_a_questions_completions_together(experiences) -> None:
     batch = [*experiences, experiences[0]]
     shards = shard(batch, 2, keep_prompts=True)
     assert [len(s) for s in shards] == [4, 4]
-    real = [[e.record.id for e in s if not e.dummy] for s in shards]
+    real = [[e.record.id for e in s if not e.padding] for s in shards]
     assert sorted(x for s in real for x in s) == sorted(e.record.id for e in batch)
     for ids in real:  # each question on one rank, its completions adjacent
         assert all(ids.count(q) == len([e for e in batch if e.record.id == q]) for q in set(ids))
         assert ids == sorted(ids, key=ids.index)
-    dummies = [e for s in shards for e in s if e.dummy]
-    assert len(dummies) == 1 and dummies[0].advantage == 0.0
+    fillers = [e for s in shards for e in s if e.padding]
+    assert len(fillers) == 1 and fillers[0].advantage == 0.0
     # the filler repeats a prompt its rank computes anyway
-    owner = next(s for s in shards if any(e.dummy for e in s))
-    assert dummies[0].record.id in {e.record.id for e in owner if not e.dummy}
+    owner = next(s for s in shards if any(e.padding for e in s))
+    assert fillers[0].record.id in {e.record.id for e in owner if not e.padding}
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -294,7 +294,7 @@ def test_combine_follows_the_metric_table() -> None:
 def test_freeze_prefixes_holds_named_parameters_and_refuses_typos(tiny_checkpoint) -> None:
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-    from learner.worker import freeze_prefixes
+    from learner.model import freeze_prefixes
 
     model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(tiny_checkpoint)
     head = model.lm_head.weight.numel()

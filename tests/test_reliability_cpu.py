@@ -285,7 +285,7 @@ def test_weight_push_to_a_dead_engine_fails_within_the_timeout(ray_local, tiny_c
 
 
 def test_unsafe_pickles_in_a_train_state_are_refused(tmp_path) -> None:
-    from learner.worker import safe_torch_load
+    from learner.checkpoint_io import safe_torch_load
 
     class Exploit:
         def __reduce__(self):

@@ -99,7 +99,8 @@ def test_overlong_penalty_and_mask() -> None:
     assert [e.advantage for e in scored.experiences] == pytest.approx(((r - r.mean()) / (r.std() + 1e-4)).tolist())
     assert scored.metrics["reward/overlong_penalty"] == pytest.approx(-0.25)
     masked = score_step(1, records, results, RewardSet(), ScoringRules(overlong="mask", max_new_tokens=10))
-    assert [e.dummy for e in masked.experiences] == [True, False]  # in the baseline, out of the loss
+    assert [e.overlong_masked for e in masked.experiences] == [True, False]  # in the baseline, out of the loss
+    assert [e.in_loss for e in masked.experiences] == [False, True]
     assert masked.metrics["data/masked_overlong"] == 1 and masked.metrics["data/completions"] == 1
     assert masked.experiences[1].advantage < 0  # its group still holds the cut completion's reward
 

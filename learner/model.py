@@ -1,0 +1,280 @@
+"""A learner rank's models: the Qwen2.5-Omni thinker, whole (ZeRO-2) or partitioned over the ranks
+as it is built (ZeRO-3), with the checkpoint's weights or weights drawn from the seed; the
+trainable one wrapped in a DeepSpeed engine with its optimizer and learning-rate schedule, the
+frozen reference beside it; and DeepSpeed's config, a pure function of the settings.
+
+Every function here runs inside a rank's process after ``deepspeed.init_distributed`` (the
+ZeRO-3 builds and gathers are collectives: every rank calls them in the same order).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from learner.schedule import lr_multiplier
+from learner.types import LearnerSettings
+from omni.names import require_safetensors, to_learner_name, to_vllm_name
+
+
+def resolve_dtype(dtype: str, cuda: bool) -> torch.dtype:
+    """The weights' dtype: ``auto`` is bfloat16 on GPUs and float32 on CPUs."""
+    if dtype == "auto":
+        return torch.bfloat16 if cuda else torch.float32
+    return getattr(torch, dtype)
+
+
+def deepspeed_config(settings: LearnerSettings, *, dtype: torch.dtype, cuda: bool) -> dict[str, Any]:
+    """DeepSpeed's config for the trainable engine (ZeRO stage, buckets, AdamW, clipping)."""
+    s = settings
+    zero: dict[str, Any] = {
+        "stage": s.zero_stage,
+        "contiguous_gradients": True,
+        "overlap_comm": cuda,
+        "reduce_bucket_size": int(5e8),
+    }
+    if s.zero_stage == 3:
+        zero.update(
+            stage3_prefetch_bucket_size=int(5e8),
+            stage3_param_persistence_threshold=int(1e6),
+            stage3_max_live_parameters=int(1e9),
+            stage3_max_reuse_distance=int(1e9),
+        )
+    else:
+        zero["allgather_bucket_size"] = int(5e8)
+    return {
+        "train_micro_batch_size_per_gpu": s.micro_batch_size,
+        "gradient_accumulation_steps": 1,
+        # backward() only accumulates; step() is the boundary: one call of train_step is one
+        # optimizer step whatever the number of micro-batches
+        "managed_gradient_accumulation": False,
+        "gradient_clipping": s.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": s.lr,
+                "betas": list(s.betas),
+                "eps": s.adam_eps,
+                "weight_decay": s.weight_decay,
+                "torch_adam": True,
+                "adam_w_mode": True,
+            },
+        },
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def build_thinker(settings: LearnerSettings, device: torch.device, dtype: torch.dtype) -> torch.nn.Module:
+    """The whole (unpartitioned) thinker: the checkpoint's weights, or with ``random_init``
+    transformers' initialisation drawn from ``settings.seed`` on ``device``.
+
+    One function for every path that draws random weights — ZeRO-2 ranks, ZeRO-3's rank 0 (which
+    scatters them into the partitions) and the bare forward/backward of
+    benchmarks/bench_learner.py — so that they all start from the same values for a seed.
+    """
+    from transformers import AutoConfig
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
+
+    if not settings.random_init:
+        return Thinker.from_pretrained(
+            str(settings.model_path),
+            dtype=dtype,
+            attn_implementation=settings.attn_implementation,
+            local_files_only=True,
+            use_safetensors=True,  # never unpickle weights
+        )
+    config = AutoConfig.from_pretrained(str(settings.model_path), local_files_only=True)
+    thinker_config = getattr(config, "thinker_config", config)
+    # the same seed for the policy and the reference (they start equal, as from a checkpoint);
+    # built on the device: initialising billions of weights on the host's CPU takes minutes, and
+    # the device's generator is what every path draws from
+    torch.manual_seed(settings.seed)
+    with torch.device(device):
+        return Thinker._from_config(thinker_config, attn_implementation=settings.attn_implementation, dtype=dtype)
+
+
+def scatter_zero3(model: torch.nn.Module, whole: torch.nn.Module | None, rank: int) -> None:
+    """Fill ``model``'s ZeRO-3 partitions with the values of rank 0's unpartitioned ``whole``
+    (None on the other ranks): every rank joins each parameter's gather, rank 0 overwrites the full
+    tensor and every rank keeps its shard of it. Buffers (rotary frequencies) are not partitioned:
+    each rank's construction computed them from the config."""
+    import deepspeed
+
+    if rank == 0 and whole is None:
+        raise ValueError("scatter_zero3: rank 0 needs the whole model")
+    source = dict(whole.named_parameters()) if rank == 0 and whole is not None else {}
+    for name, param in model.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+            if rank == 0:
+                if name not in source:
+                    raise KeyError(f"scatter_zero3: the whole model has no parameter {name}")
+                param.data.copy_(source[name].data)
+
+
+def load_weights_zero3(model: torch.nn.Module, model_path: Path, rank: int) -> None:
+    """Fill partitioned parameters from the checkpoint at ``model_path``: rank 0 reads, every rank
+    takes its shard."""
+    import deepspeed
+    from safetensors import safe_open
+
+    files = require_safetensors(model_path)
+    location: dict[str, Path] = {}
+    if rank == 0:
+        for path in files:
+            with safe_open(str(path), framework="pt") as fh:
+                for name in fh.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                    if name.startswith("thinker."):
+                        location[to_learner_name(name)] = path
+    handles: dict[Path, Any] = {}
+    try:
+        for name, param in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if rank == 0:
+                    if name not in location:
+                        raise KeyError(f"{model_path}: no weight for parameter {name}")
+                    path = location[name]
+                    if path not in handles:
+                        handles[path] = safe_open(str(path), framework="pt")
+                    param.data.copy_(handles[path].get_tensor(to_vllm_name(name)))
+    finally:
+        handles.clear()
+
+
+def build_model(
+    settings: LearnerSettings,
+    config: dict[str, Any],
+    *,
+    rank: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    trainable: bool,
+) -> torch.nn.Module:
+    """This rank's thinker on ``device``: under ZeRO-3 partitioned as it is built (``config`` is
+    the :func:`deepspeed_config` that partitions it), else whole; frozen and in eval mode unless
+    ``trainable``."""
+    import deepspeed
+    from transformers import AutoConfig
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
+
+    s = settings
+    if s.zero_stage == 3:
+        hf_config = AutoConfig.from_pretrained(str(s.model_path), local_files_only=True)
+        thinker_config = getattr(hf_config, "thinker_config", hf_config)
+        from transformers.initialization import no_init_weights
+
+        drawn = None
+        if s.random_init and rank == 0:
+            # The weights ZeRO-2 would draw, bit for bit: the same build, whole, on rank 0
+            # (before zero.Init, which would partition it), then scattered into the shards
+            # below and freed (rank 0 holds one whole copy meanwhile: 17.9 GB for the 7B in
+            # bf16). transformers' own initialisation cannot run inside zero.Init: it writes
+            # into parameters already partitioned away (and no_init_weights, needed for that
+            # reason, leaves the shards as whatever memory held); its per-module ZeRO-3 variant
+            # draws in another order than the whole build, so other values.
+            drawn = build_thinker(s, device, dtype)
+        # The dtype comes from the config's bf16 section: DeepSpeed 0.19.8 ignores an explicit
+        # dtype on accelerators without fp16 (the CPU).
+        with deepspeed.zero.Init(config_dict_or_path=config), no_init_weights():
+            model = Thinker._from_config(thinker_config, attn_implementation=s.attn_implementation, dtype=dtype)
+        if s.random_init:
+            scatter_zero3(model, drawn, rank)
+            del drawn
+            if device.type == "cuda":
+                torch.cuda.empty_cache()  # the whole copy's blocks: the optimizer states want them
+        else:
+            load_weights_zero3(model, s.model_path, rank)
+    else:
+        model = build_thinker(s, device, dtype)
+    model.to(device)
+    if not trainable:
+        model.eval()
+        model.requires_grad_(False)
+    return model
+
+
+def freeze_prefixes(model: torch.nn.Module, prefixes: tuple[str, ...]) -> int:
+    """Hold fixed every parameter whose name starts with one of ``prefixes``; returns how many.
+
+    A prefix that matches nothing is a typo in a config, not a no-op: it fails with the names
+    that do exist at the top of the module tree.
+    """
+    params = dict(model.named_parameters())
+    frozen = 0
+    for prefix in prefixes:
+        stem = prefix.rstrip(".")
+        hits = [name for name in params if name == stem or name.startswith(stem + ".")]
+        if not hits:
+            tops = sorted({".".join(n.split(".")[:2]) for n in params})
+            raise ValueError(f"learner.freeze: {prefix!r} matches no parameter; prefixes at hand: {tops}")
+        for name in hits:
+            params[name].requires_grad_(False)
+            frozen += params[name].numel()
+    return frozen
+
+
+def build_engine(settings: LearnerSettings, model: torch.nn.Module, config: dict[str, Any]) -> tuple[Any, Any, Any]:
+    """The trainable ``model`` (from :func:`build_model`) in a DeepSpeed engine: the configured
+    parts frozen, AdamW with weight decay on matrices only, the learning-rate schedule. Returns
+    (engine, optimizer, scheduler); without ``settings.train`` (weight-sync benchmarks) the engine
+    holds the weights only, and optimizer and scheduler are None."""
+    import deepspeed
+
+    s = settings
+    if s.freeze_audio_tower:
+        model.audio_tower.requires_grad_(False)
+    if s.freeze_vision_tower:
+        model.visual.requires_grad_(False)
+    freeze_prefixes(model, s.freeze)
+    if s.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": s.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer,
+            lambda step: lr_multiplier(
+                step, total=s.total_steps, warmup=s.warmup_steps, kind=s.lr_schedule, min_ratio=s.min_lr_ratio
+            ),
+        )
+
+    if not s.train:  # weights only: no optimizer states
+        inference = {k: v for k, v in config.items() if k not in ("optimizer", "managed_gradient_accumulation")}
+        engine, *_ = deepspeed.initialize(model=model, config=inference)
+        return engine, None, None
+    engine, optimizer, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[g for g in groups if g["params"]], config=config, lr_scheduler=schedule
+    )
+    return engine, optimizer, scheduler
+
+
+def build_reference(
+    settings: LearnerSettings, config: dict[str, Any], *, rank: int, device: torch.device, dtype: torch.dtype
+) -> Any:
+    """The frozen reference policy for the KL term: the same build as the trainable model, under
+    ZeRO-3 in an inference engine of its own (partitioned like the policy), else the bare module."""
+    import deepspeed
+
+    model = build_model(settings, config, rank=rank, device=device, dtype=dtype, trainable=False)
+    if settings.zero_stage == 3:
+        reference_config = {
+            "train_micro_batch_size_per_gpu": settings.micro_batch_size,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": int(1e6)},
+            "bf16": {"enabled": dtype == torch.bfloat16},
+        }
+        engine, *_ = deepspeed.initialize(model=model, config=reference_config)
+        engine.eval()
+        return engine
+    return model
