@@ -12,7 +12,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from learner.correction import resolve_correction
 
 
 class Section(BaseModel):
@@ -113,6 +112,8 @@ class GRPOConfig(Section):
     @property
     def correction(self) -> str:
         """The rollout correction in force (``auto`` resolved by the learner's own rule)."""
+        from learner.correction import resolve_correction  # here: loading a config needs no torch
+
         return resolve_correction(self.rollout_correction, self.off_policy, self.clip_eps)
 
     @property
