@@ -19,9 +19,10 @@ FOLDERS = (*PACKAGES, "configs", "docs", "benchmarks", "tests", "docker")
 # files written by a run, a command or a test, not kept in the repository
 WRITTEN = re.compile(r"^(benchmarks/records/|configs/job\.yaml$)")
 
-PATH = re.compile(r"(?<![\w./-])((?:%s)/[\w./-]*\w\.(?:py|md|yaml|yml|json|png|sh|txt))" % "|".join(FOLDERS))
+_FOLDERS, _PACKAGES = "|".join(FOLDERS), "|".join(PACKAGES)
+PATH = re.compile(rf"(?<![\w./-])((?:{_FOLDERS})/[\w./-]*\w\.(?:py|md|yaml|yml|json|png|sh|txt))")
 DOC = re.compile(r"(?<![\w/.-])([A-Z][A-Z_]+\.md)\b")
-MODULE = re.compile(r"`((?:%s)(?:\.\w+)+)" % "|".join(PACKAGES))
+MODULE = re.compile(rf"`((?:{_PACKAGES})(?:\.\w+)+)")
 
 
 def sources() -> list[Path]:
