@@ -65,11 +65,11 @@ def main() -> None:
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
     from vllm.platforms import current_platform
 
+    from omni.forward import completion_logprobs
     from omni.inputs import (
         MediaSettings,
         add_positions,
         collate,
-        completion_logprobs,
         encode_prompt,
         load_processor,
         media_token_ids,

@@ -125,11 +125,11 @@ def bare_step(settings: Any, experiences: Sequence[Any], steps: int, profile: bo
     import torch.nn.functional as F
 
     from learner.model import build_thinker, resolve_dtype
+    from omni.forward import keep_last_positions
     from omni.inputs import (
         add_positions,
         collate,
         encode_prompt,
-        keep_last_positions,
         load_processor,
         media_token_ids,
         prepare_prompt,

@@ -39,11 +39,11 @@ def main() -> None:
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     from avqa import load_records
+    from omni.forward import completion_logprobs
     from omni.inputs import (
         add_positions,
         collate,
         collate_shared,
-        completion_logprobs,
         encode_prompt,
         load_processor,
         prepare_prompt,

@@ -18,7 +18,7 @@ BF16_PEAKS = {"H100": H100_BF16_PEAK, "H200": H100_BF16_PEAK}
 
 def model_folder(layout: str, *, weights: bool = False) -> Path:
     """A Qwen2.5-Omni folder of ``layout`` (config, tokenizer, processor; weights optional)."""
-    from omni.tiny import LAYOUTS, build_tiny_checkpoint
+    from omni.fixtures.tiny import LAYOUTS, build_tiny_checkpoint
 
     folder = WORK / f"{layout}-{'weights' if weights else 'config'}"
     if not (folder / "config.json").is_file():

@@ -83,12 +83,12 @@ def _data_check(args: argparse.Namespace) -> int:
     return 1 if report.skipped or media_errors else 0
 
 
-# omni.tiny.LAYOUTS' names, spelt out so that `--help` imports no model code (a test keeps them equal)
+# omni.fixtures.tiny.LAYOUTS' names, spelt out so that `--help` imports no model code (a test keeps them equal)
 MODEL_LAYOUTS = ("tiny", "small", "2b", "3b", "7b")
 
 
 def _model_tiny(args: argparse.Namespace) -> int:
-    from omni.tiny import LAYOUTS, build_tiny_checkpoint
+    from omni.fixtures.tiny import LAYOUTS, build_tiny_checkpoint
 
     out = build_tiny_checkpoint(args.out, seed=args.seed, sizes=LAYOUTS[args.layout], weights=not args.config_only)
     what = "config-only (random weights at load time)" if args.config_only else "random weights"

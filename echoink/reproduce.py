@@ -143,7 +143,7 @@ def _rehearsal_inputs(
     if model is None:
         model = folder / "tiny-omni"
         if not (model / "config.json").is_file():
-            from omni.tiny import build_tiny_checkpoint
+            from omni.fixtures.tiny import build_tiny_checkpoint
 
             say(f"[reproduce] rehearsal: a tiny random Qwen2.5-Omni in {model}")
             build_tiny_checkpoint(model, seed=0)

@@ -12,7 +12,7 @@ from learner.grpo import LossNorm
 from learner.types import Experience, LearnerSettings
 from learner.worker import LearnerWorker
 from omni.inputs import completion_mask
-from omni.metrics import LEARNER_METRICS
+from omni.metric_table import LEARNER_METRICS
 from omni.weightsync import BucketSpec, GroupInfo
 
 
@@ -116,7 +116,7 @@ class LearnerGroup:
         """The step's optimizer updates on the whole batch: one, or ``epochs_per_batch`` passes of
         ``mini_batches`` each (the batch split by question), whose ratios and clips act against the
         policy before the first update. Returns the step's learner metrics (the names of
-        ``omni.metrics.LEARNER_METRICS``, see :func:`combine`): those of the first update, where the
+        ``omni.metric_table.LEARNER_METRICS``, see :func:`combine`): those of the first update, where the
         policy is the sampler's, with the clip and ratio metrics of the last update and the time,
         tokens and skips of all of them."""
         if not experiences:
@@ -210,7 +210,7 @@ DENOMINATORS = {"per_token": "learner/tokens", "per_sampled_token": "_sampled_to
 
 def combine(parts: Sequence[dict[str, float]]) -> dict[str, float]:
     """The ranks' parts (rank 0 first) → the step's learner metrics, by each metric's ``combine``
-    rule in ``omni.metrics.LEARNER_METRICS``.
+    rule in ``omni.metric_table.LEARNER_METRICS``.
 
     A metric is in the result when some rank reported it (no GPU: no memory) and, for an average
     over sampled tokens, when some token had a sampler log-prob (else no mismatch metrics); an
@@ -222,7 +222,7 @@ def combine(parts: Sequence[dict[str, float]]) -> dict[str, float]:
     known = {m.name for m in LEARNER_METRICS}
     strays = sorted({k for p in parts for k in p if k not in known and not k.startswith(HELPER_PREFIX)})
     if strays:
-        raise ValueError(f"learner rank(s) reported metrics that omni.metrics does not list: {strays}")
+        raise ValueError(f"learner rank(s) reported metrics that omni.metric_table does not list: {strays}")
     out: dict[str, float] = {}
     for metric in LEARNER_METRICS:
         values = [p[metric.name] for p in parts if metric.name in p]
@@ -252,5 +252,5 @@ def combine(parts: Sequence[dict[str, float]]) -> dict[str, float]:
             elif count > 0:
                 out[metric.name] = float(sum(values)) / count
         else:
-            raise ValueError(f"{metric.name}: unknown combine rule {rule!r} in omni.metrics")
+            raise ValueError(f"{metric.name}: unknown combine rule {rule!r} in omni.metric_table")
     return out

@@ -33,7 +33,8 @@ from learner.model import (
     resolve_dtype,
 )
 from learner.types import Experience, LearnerSettings
-from omni.failpoints import failpoint
+from omni.fixtures.failpoints import failpoint
+from omni.forward import completion_logprobs, unused_tower_term
 from omni.handoff import Channel, Stager, send_over
 from omni.inputs import (
     ModelBatch,
@@ -41,12 +42,10 @@ from omni.inputs import (
     add_positions,
     collate,
     collate_shared,
-    completion_logprobs,
     encode_prompt,
     load_processor,
     media_token_ids,
     prepare_prompt,
-    unused_tower_term,
 )
 from omni.names import (
     head_is_tied,
@@ -211,7 +210,7 @@ class LearnerWorker:
         """Forward/backward over micro-batches of this rank's share, then one optimizer step.
 
         Returns this rank's parts of the step's learner metrics, keyed by their names in
-        ``omni.metrics`` and shaped for each metric's ``combine`` rule (``learner.group.combine``
+        ``omni.metric_table`` and shaped for each metric's ``combine`` rule (``learner.group.combine``
         turns the ranks' parts into the step's values): "sum" metrics are this rank's sums;
         "per_token" ones Σ value × tokens over the trained (real) tokens; "per_sampled_token" ones
         Σ over the trained tokens that have a sampler log-prob, whose count is the helper

@@ -1,5 +1,7 @@
-"""The model family: tiny checkpoints, model inputs, parameter names and the weight-sync protocol."""
+"""The model family: model inputs, the learner's forward, parameter names and the weight-sync protocol
+(tiny random checkpoints and fault injection for tests: `omni.fixtures`)."""
 
+from omni.forward import completion_logprobs
 from omni.inputs import (
     MediaSettings,
     ModelBatch,
@@ -8,7 +10,6 @@ from omni.inputs import (
     add_positions,
     collate,
     collate_shared,
-    completion_logprobs,
     completion_mask,
     encode_prompt,
     load_processor,

@@ -10,7 +10,7 @@ bucket over as a small picklable *handle*, put on a :class:`Channel` the engine 
   without a copy; the reference keeps the object alive while the sender holds it.
 - GPUs: :class:`IpcHandle`, the arguments torch's own CUDA IPC reduction produces for a device
   buffer; the engine rebuilds a tensor on the very same memory. The sender keeps a fixed ring of
-  buffers, so after the first push the engine reopens nothing (ENVIRONMENT.md: the first 4 GiB
+  buffers, so after the first push the engine reopens nothing (docs/ENVIRONMENT.md: the first 4 GiB
   hand-over took 4.1 s, a later one 3.2 ms, once the receiver kept its opened handles).
 
 Who calls what (rollout and learner never import each other; the flow is the broadcast's):

@@ -1,7 +1,7 @@
 """A logging filter for one known-harmless transformers warning about Qwen2.5-Omni configs.
 
 Installed by the code that builds or loads such a config (the rollout engine, the learner rank,
-``omni.inputs.load_processor``, ``omni.tiny``), in that process only and never at import: importing
+``omni.inputs.load_processor``, ``omni.fixtures.tiny``), in that process only and never at import: importing
 ``omni`` must not change how a host program logs.
 """
 

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from omni.failpoints import failpoint
+from omni.fixtures.failpoints import failpoint
 
 STEP_RE = re.compile(r"^step-(\d{6,})$")
 RUN_STATE = "run_state.json"

@@ -33,7 +33,7 @@ def train_json(synth_dir: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from omni.tiny import build_tiny_checkpoint
+    from omni.fixtures.tiny import build_tiny_checkpoint
 
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-omni"), seed=0)
 

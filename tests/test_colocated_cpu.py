@@ -3,7 +3,7 @@ through the node's shared memory (Ray's object store) instead of a gloo broadcas
 
 Same seed, same math: the colocated run samples the same completions at every step and ends
 with the same weights as the split run, bit for bit (the CPU runs are deterministic,
-ENVIRONMENT.md). A killed colocated actor is handled as in the split layout.
+docs/ENVIRONMENT.md). A killed colocated actor is handled as in the split layout.
 """
 
 from __future__ import annotations

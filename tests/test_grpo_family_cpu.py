@@ -153,14 +153,14 @@ def test_mini_batches_hold_whole_questions() -> None:
 
 
 def test_token_entropy_in_chunks_equals_the_formula() -> None:
-    from omni import inputs
+    from omni import forward
 
     torch.manual_seed(1)
     logits = torch.randn(2, 300, 7, dtype=torch.float32)
     p = torch.softmax(logits.double(), dim=-1)
     expected = -(p * torch.log(p)).sum(-1)
-    got = inputs._entropy(logits, grad=False)
+    got = forward._entropy(logits, grad=False)
     assert got.shape == (2, 300) and torch.allclose(got.double(), expected, atol=1e-5)
     z = logits.clone().requires_grad_(True)
-    inputs._entropy(z, grad=True).sum().backward()
+    forward._entropy(z, grad=True).sum().backward()
     assert z.grad is not None and torch.isfinite(z.grad).all()

@@ -15,7 +15,7 @@ from avqa import load_records
 from learner.group import LearnerDied, LearnerGroup, combine, shard
 from learner.types import Experience, LearnerSettings
 from omni.inputs import load_processor
-from omni.metrics import LEARNER_METRICS
+from omni.metric_table import LEARNER_METRICS
 
 # what a CPU step without sampler log-probs reports: every learner metric of the table but the
 # mismatch ones (nothing to compare with) and GPU memory

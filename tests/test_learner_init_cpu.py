@@ -24,7 +24,7 @@ SEED = 3  # not the default 0: the seed must reach the ZeRO-3 path too
 @pytest.fixture(scope="module")
 def config_only(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Qwen2.5-Omni folder without weights: the learner has nothing to read, it must initialise."""
-    from omni.tiny import build_tiny_checkpoint
+    from omni.fixtures.tiny import build_tiny_checkpoint
 
     folder = build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-config-only"), weights=False)
     assert not list(folder.glob("*.safetensors"))

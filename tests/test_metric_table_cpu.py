@@ -1,10 +1,10 @@
-"""One table of metric names (omni/metrics.py): well formed, and the README shows all of it."""
+"""One table of metric names (omni/metric_table.py): well formed, and the README shows all of it."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from omni.metrics import (
+from omni.metric_table import (
     COMBINES,
     LEARNER_METRICS,
     METRICS,
@@ -34,4 +34,4 @@ def test_patterns_match_one_segment() -> None:
 
 def test_the_readme_shows_the_table() -> None:
     readme = (REPO / "README.md").read_text(encoding="utf-8")
-    assert markdown_table() in readme, "README.md's metric table differs from omni.metrics.markdown_table()"
+    assert markdown_table() in readme, "README.md's metric table differs from omni.metric_table.markdown_table()"

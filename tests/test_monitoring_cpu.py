@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from omni.actorrepr import actor_repr
-from omni.metrics import is_known
+from omni.metric_table import is_known
 from orchestrator.placement import Placement, actor_name, run_label
 from watch import monitoring
 from watch.metrics_log import prometheus_name

@@ -19,11 +19,11 @@ import torch
 
 from avqa import DATA_TYPES, load_records
 from avqa.synth import DEMO_SPEC, synth_dataset
+from omni.forward import completion_logprobs
 from omni.inputs import (
     add_positions,
     collate,
     collate_shared,
-    completion_logprobs,
     encode_prompt,
     load_processor,
     media_token_ids,
@@ -190,7 +190,7 @@ def test_a_micro_batch_without_media_still_gives_every_tower_a_zero_gradient(lea
     text-only one."""
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
-    from omni.inputs import unused_tower_term
+    from omni.forward import unused_tower_term
 
     _, processor = learner_side
     tok = processor.tokenizer

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from avqa import load_records
+from omni.fixtures.tiny import TinySizes, build_tiny_checkpoint
 from omni.handoff import (
     Channel,
     ShmHandle,
@@ -24,7 +25,6 @@ from omni.handoff import (
     spec_digest,
 )
 from omni.names import head_is_tied, without_tied_head
-from omni.tiny import TinySizes, build_tiny_checkpoint
 from omni.weightsync import BucketSpec, plan_buckets
 from rollout import receive
 from rollout.engine import RolloutEngine

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 from avqa import load_records
+from omni.forward import completion_logprobs
 from omni.inputs import (
     add_positions,
     collate,
     collate_shared,
-    completion_logprobs,
     encode_prompt,
     load_processor,
     prepare_prompt,

@@ -13,7 +13,8 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from omni.tiny import SPECIAL_TOKENS, TAG_TOKENS, TinySizes, build_tiny_checkpoint
+from omni.fixtures.processor import SPECIAL_TOKENS, TAG_TOKENS
+from omni.fixtures.tiny import TinySizes, build_tiny_checkpoint
 
 SAMPLING_RATE = 16_000
 
@@ -256,7 +257,7 @@ def test_a_tied_head_is_left_out_of_a_push() -> None:
 def test_the_3b_layout_is_the_released_thinker(tmp_path: Path) -> None:
     from transformers import AutoConfig, Qwen2_5OmniThinkerForConditionalGeneration
 
-    from omni.tiny import LAYOUTS
+    from omni.fixtures.tiny import LAYOUTS
 
     folder = build_tiny_checkpoint(tmp_path / "3b", sizes=LAYOUTS["3b"], weights=False)
     assert not list(folder.glob("*.safetensors"))
@@ -268,13 +269,13 @@ def test_the_3b_layout_is_the_released_thinker(tmp_path: Path) -> None:
     assert config.thinker_config.audio_config.output_dim == 2048
     with torch.device("meta"):
         model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(config.thinker_config)
-    # the count omni/tiny.py's comment gives, untied head included
+    # the count omni/fixtures/tiny.py's comment gives, untied head included
     assert sum(p.numel() for p in model.parameters()) == 4_703_464_448
     assert model.lm_head.weight is not model.model.embed_tokens.weight
 
 
 def test_the_cli_offers_every_layout() -> None:
     from echoink.cli import MODEL_LAYOUTS
-    from omni.tiny import LAYOUTS
+    from omni.fixtures.tiny import LAYOUTS
 
     assert sorted(MODEL_LAYOUTS) == sorted(LAYOUTS)

@@ -222,7 +222,7 @@ def test_killed_while_checkpointing_then_resumed(ray_local, tiny_checkpoint, syn
 def test_disk_full_during_a_checkpoint_keeps_the_previous_one(ray_local, tiny_checkpoint, synth_dir, tmp_path, monkeypatch) -> None:
     out = tmp_path / "run"
     monkeypatch.setenv("ECHOINK_FAILPOINTS", "checkpoint.model_written@2=enospc")
-    import omni.failpoints as fp
+    import omni.fixtures.failpoints as fp
 
     fp._hits.clear()
     config = tiny_config(tiny_checkpoint, synth_dir, out, "total_steps=6", "checkpoint.every=2")

@@ -13,10 +13,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from avqa import load_records
+from omni.forward import completion_logprobs
 from omni.inputs import (
     add_positions,
     collate,
-    completion_logprobs,
     encode_prompt,
     load_processor,
     prepare_prompt,

@@ -11,7 +11,7 @@ import torch
 from chromium import open_page
 
 from echoink.cli import main
-from omni.metrics import unknown
+from omni.metric_table import unknown
 from orchestrator.checkpoint import list_checkpoints, read_run_state
 from orchestrator.config import load_config
 from orchestrator.trainer import train
@@ -84,7 +84,7 @@ def test_run_folder_has_metrics_checkpoint_and_tensorboard(uninterrupted) -> Non
             assert key in row, key
             assert isinstance(row[key], int | float) and math.isfinite(row[key]), (key, row[key])
         assert row["timing/step_s"] >= row["timing/learn_s"] > 0
-        assert unknown(set(row) - {"step", "time"}) == [], "metric names missing from omni/metrics.py's table"
+        assert unknown(set(row) - {"step", "time"}) == [], "metric names missing from omni/metric_table.py's table"
         assert 0 <= row["reward/format"] <= 1 and row["completion_length/mean"] <= 16
     # what policy_loss computes reaches the run (it used to be dropped on the way)
     assert all(r["ratio/min"] <= r["ratio/mean"] <= r["ratio/max"] for r in rows)

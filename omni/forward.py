@@ -1,0 +1,196 @@
+"""The learner's forward: log-probs (and entropy) of completion tokens, with each prompt run once
+for its completions (the shared-prefix forward), and the zero-weighted pass through idle towers.
+
+The batches come from `omni.inputs` (`collate`, `collate_shared`); the two key/value caches here
+are idempotent, unlike transformers' DynamicCache (which appends): under gradient checkpointing a
+layer's forward runs again in the backward pass, and it must see the same keys.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from omni.inputs import ModelBatch
+
+
+def unused_tower_term(thinker: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """0 × a minimal pass through each encoder tower that ``inputs`` leave unused, or None.
+
+    In a mixed batch one rank's micro-batch may hold no picture or video (the vision tower idles)
+    or no sound (the audio tower idles) while another rank's does: their gradient reductions then
+    cover different parameters, and the collective fails (gloo: "Received data size doesn't match
+    expected size"). Added to the loss, this term gives every tower a gradient on every rank —
+    exactly zero, so the update is unchanged.
+    """
+    parts = []
+    weight = next(thinker.parameters())
+    like = dict(device=inputs["input_ids"].device, dtype=weight.dtype if weight.is_floating_point() else torch.float32)
+    if "pixel_values" not in inputs and "pixel_values_videos" not in inputs:
+        vc = thinker.config.vision_config
+        merge = int(vc.spatial_merge_size)
+        pixels = torch.zeros(merge * merge, vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, **like)
+        grid = torch.tensor([[1, merge, merge]], device=like["device"])  # one merged token's patches
+        out = thinker.get_image_features(pixels, grid, return_dict=True).pooler_output
+        parts.append(sum(o.sum() for o in out))
+    if "input_features" not in inputs:
+        frames = 2 * int(thinker.config.audio_config.n_window)  # one window of the audio tower
+        features = torch.zeros(1, thinker.config.audio_config.num_mel_bins, frames, **like)
+        mask = torch.ones(1, frames, dtype=torch.long, device=like["device"])
+        parts.append(thinker.get_audio_features(features, mask, return_dict=True).last_hidden_state.sum())
+    if not parts:
+        return None
+    return 0.0 * sum(parts).float()
+
+
+class keep_last_positions:
+    """Within this context the model's ``lm_head`` sees only the last ``k`` positions.
+
+    The full-vocabulary logits of the prompt are never needed (only completion tokens are scored)
+    and are the largest tensor of a step for a 152k vocabulary.
+    """
+
+    def __init__(self, lm_head: torch.nn.Module, k: int) -> None:
+        self.lm_head = lm_head
+        self.k = k
+        self.handle: Any = None
+
+    def __enter__(self) -> keep_last_positions:
+        def hook(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+            return (args[0][:, -self.k :, :], *args[1:])
+
+        self.handle = self.lm_head.register_forward_pre_hook(hook)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.handle.remove()
+
+
+def completion_logprobs(
+    model: Any,
+    batch: ModelBatch,
+    *,
+    lm_head: torch.nn.Module | None = None,
+    temperature: float = 1.0,
+    chunk: int = 1024,
+    entropy: list[torch.Tensor] | None = None,
+    entropy_grad: bool = False,
+) -> torch.Tensor:
+    """log π(token) for every completion position, [B, C] float32 (0 where masked out).
+
+    ``model`` is the thinker or a wrapper that calls it (a DeepSpeed engine); ``lm_head`` is the
+    thinker's output layer, by default ``model.lm_head``. With ``entropy`` (a list), the policy's
+    entropy at every completion position is appended to it as one [B, C] tensor (masked like the
+    log-probs), computed ``ENTROPY_CHUNK`` positions at a time so that no [B, C, V] probability
+    tensor is kept; with ``entropy_grad`` it carries gradients (an entropy bonus).
+    """
+    c = batch.completion_len
+    head = lm_head if lm_head is not None else model.lm_head
+    if batch.prompt_rows is not None:
+        logits = _shared_prompt_logits(model, batch, head)
+    else:
+        with keep_last_positions(head, c + 1):
+            logits = model(**batch.inputs, use_cache=False).logits  # [B, C + 1, V]
+        logits = logits[:, :-1, :]  # position t predicts completion token t
+    out, entropies = [], []
+    for start in range(0, c, chunk):
+        part = logits[:, start : start + chunk, :].float()
+        if temperature != 1.0:
+            part = part / temperature
+        targets = batch.completion_ids[:, start : start + chunk].unsqueeze(-1)
+        token_logits = part.gather(-1, targets).squeeze(-1)
+        out.append(token_logits - torch.logsumexp(part, dim=-1))
+        if entropy is not None:
+            entropies.append(_entropy(part, entropy_grad))
+    if entropy is not None:
+        entropy.append(torch.cat(entropies, dim=1) * batch.completion_mask)
+    return torch.cat(out, dim=1) * batch.completion_mask
+
+
+ENTROPY_CHUNK = 128  # positions per softmax: B × 128 × V floats at a time
+
+
+def _entropy(logits: torch.Tensor, grad: bool) -> torch.Tensor:
+    """H = logsumexp(z) − Σ softmax(z)·z per position of [B, T, V] float32 logits."""
+    parts = []
+    with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
+        for start in range(0, logits.shape[1], ENTROPY_CHUNK):
+            z = logits[:, start : start + ENTROPY_CHUNK]
+            z = z if grad else z.detach()
+            parts.append(torch.logsumexp(z, dim=-1) - (torch.softmax(z, dim=-1) * z).sum(-1))
+    return torch.cat(parts, dim=1)
+
+
+def _shared_prompt_logits(model: Any, batch: ModelBatch, head: torch.nn.Module) -> torch.Tensor:
+    """[B, C, V] logits predicting each completion token: the distinct prompts run once, then every
+    completion runs on its prompt's keys and values (gradients flow back into the prompt pass).
+
+    Positions are given explicitly: the thinker's multimodal rotary positions of a prompt end at
+    its last text token, and completion token t sits t + 1 past it on all three axes. Both caches
+    are idempotent (a write replaces, a read stores nothing), so a checkpointed layer's recompute
+    in the backward pass sees exactly what its forward saw: sharing works under gradient
+    checkpointing, where transformers would otherwise drop the cache.
+    """
+    thinker = getattr(model, "module", model)
+    for layer in thinker.model.layers:
+        layer._can_checkpoint_with_cache = True  # safe with the two caches below, see their docstrings
+    inputs = batch.inputs
+    positions = inputs["position_ids"]
+    recorder = PromptRecorder(config=thinker.config.get_text_config())
+    with keep_last_positions(head, 1):
+        # use_cache=False: the layers use the cache object passed in either way; nothing is returned
+        first = model(**inputs, past_key_values=recorder, use_cache=False).logits  # [K, 1, V]
+    rows = batch.prompt_rows
+    if batch.completion_len == 1:
+        return first[rows]
+    prefix = ReadOnlyPrefix([(k[rows], v[rows]) for k, v in recorder.ordered()])  # K prompts → B rows
+    c = batch.completion_len
+    start = positions.amax(dim=(0, 2))[rows] + 1  # [B]: as continuation_positions
+    steps = torch.arange(c - 1, device=start.device)
+    completion_positions = (start[:, None] + steps[None, :]).unsqueeze(0).expand(3, -1, -1)
+    attention = torch.cat([inputs["attention_mask"][rows], batch.completion_mask[:, :-1].long()], dim=1)
+    # The completions are text only: the thinker's forward would just embed them, run its text model
+    # and its head. Calling those directly keeps the two passes inside one call of the root module,
+    # which is where DeepSpeed ZeRO-3 starts its per-forward trace of module order: two root calls
+    # of different orders per micro-batch invalidate that trace every time, and every parameter
+    # is then released and gathered again (measured: the shared path slower than no sharing).
+    hidden = thinker.model(
+        input_ids=batch.completion_ids[:, :-1],
+        attention_mask=attention,
+        position_ids=completion_positions,
+        past_key_values=prefix,
+        use_cache=False,
+        return_dict=True,
+    ).last_hidden_state
+    rest = head(hidden)  # [B, C - 1, V]: completion token t predicts token t + 1
+    return torch.cat([first[rows], rest], dim=1)
+
+
+class PromptRecorder(DynamicCache):
+    """The prompt pass: attends to its own tokens only (like an empty cache) and keeps each layer's
+    keys and values; a second write (a checkpointed layer's recompute) replaces the first."""
+
+    def __init__(self, config: Any) -> None:
+        super().__init__(config=config)
+        self.recorded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        self.recorded[layer_idx] = (key_states, value_states)
+        return key_states, value_states
+
+    def ordered(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.recorded[i] for i in sorted(self.recorded)]
+
+
+class ReadOnlyPrefix(DynamicCache):
+    """The completion pass: each layer attends to the prompt's keys and values, then its own; nothing
+    is stored, so every call (forward or recompute) returns the same."""
+
+    def __init__(self, prefix: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        super().__init__(ddp_cache_data=prefix)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        layer = self.layers[layer_idx]
+        return torch.cat([layer.keys, key_states], dim=-2), torch.cat([layer.values, value_states], dim=-2)
