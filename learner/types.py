@@ -33,6 +33,8 @@ class Experience:
 
 @dataclass(frozen=True)
 class LearnerSettings:
+    # the run's starting model: the policy's first weights (a resumed run loads its train state over
+    # them), the reference's weights, and the files every checkpoint copies beside its weights
     model_path: Path
     num_ranks: int = 1
     zero_stage: int = 3

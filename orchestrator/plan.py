@@ -219,7 +219,11 @@ def make_plan(
         seed=c.seed,
         layout=layout,
         engine=engine_settings(c, sleep_mode=sleeps, records=records),
-        learner=learner_settings(c, total_steps, resume_from or c.model_path, release_memory=sleeps),
+        # the run's starting model, whatever the policy resumes from: the reference is built from it
+        # (the KL is measured against the starting model after every resume), and a checkpoint's
+        # folder copies its files (never a checkpoint that pruning may delete); a resumed policy's
+        # weights come from the checkpoint's train state
+        learner=learner_settings(c, total_steps, c.model_path, release_memory=sleeps),
         sampling=sampling_settings(c),
         scoring=scoring_rules(c),
         reward_weights=dict(c.rewards.weights),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,3 +51,15 @@ class QuestionSampler:
 
     def load_state_dict(self, data: dict[str, int]) -> None:
         self.state = SamplerState(int(data["epoch"]), int(data["position"]), int(data.get("drawn", 0)))
+
+
+def request_salts(step: int, ids: Sequence[str], seen: Counter[str]) -> list[int | str]:
+    """The salt of each question's request seeds (`rollout.engine.request_seed`): the step, and for
+    a question drawn again in the same step (a batch across an epoch boundary, a dynamic-sampling
+    draw) the step and the time it is drawn, so its G completions are new draws, not copies of the
+    first ones. ``seen`` counts the step's draws so far and is updated."""
+    salts: list[int | str] = []
+    for question in ids:
+        salts.append(step if seen[question] == 0 else f"{step}.{seen[question]}")
+        seen[question] += 1
+    return salts

@@ -59,6 +59,7 @@ class ScoredStep:
     # every completion of the step's first rollout in rollout order, kept through the filters like
     # ``metrics`` (what was generated and scored, not what was trained on)
     completions: list[ScoredCompletion] = field(default_factory=list)
+    flat: set[str] = field(default_factory=set)  # question ids without signal (`flat_groups`)
 
 
 def score_step(
@@ -105,7 +106,11 @@ def score_step(
         penalties = torch.tensor([overlong_penalty(n, rules) for n in lengths], dtype=torch.float64)
         totals = totals + penalties
         metrics["reward/overlong_penalty"] = float(penalties.mean())
+    flat = flat_groups(totals.tolist(), ids)
     advantages = compute_advantages(rules.advantage, totals, ids, rules.adv_eps).tolist()
+    # a group without signal learns nothing: its advantages are 0 exactly, not the float noise of
+    # (r - mean) / (std + eps) over sums like 0.1 + 0.0 (1e-13, enough to pass for signal)
+    advantages = [0.0 if q in flat else a for q, a in zip(ids, advantages, strict=True)]
     masked = [rules.overlong == "mask" and c for c in cut]
     experiences = [
         Experience(record, completion.token_ids, float(adv), completion.logprobs, overlong_masked=is_masked)
@@ -129,26 +134,40 @@ def score_step(
         "data/completions": float(len(experiences) - sum(masked)),
         **group_metrics(totals, ids),
     })
-    return ScoredStep(experiences=experiences, metrics=metrics, failed=failed, completions=completions)
+    return ScoredStep(experiences=experiences, metrics=metrics, failed=failed, completions=completions, flat=flat)
+
+
+NO_SIGNAL_TOL = 1e-9  # rewards closer than this (relative to their size) are one value
+
+
+def _groups(rewards: Sequence[float], ids: Sequence[str]) -> dict[str, list[float]]:
+    groups: dict[str, list[float]] = {}
+    for question, reward in zip(ids, rewards, strict=True):
+        groups.setdefault(question, []).append(float(reward))
+    return groups
+
+
+def flat_groups(rewards: Sequence[float], ids: Sequence[str]) -> set[str]:
+    """The question ids whose rewards are all equal, to float noise: nothing to learn from them.
+    The one definition of "no signal", for the metric, the no-signal warning and dynamic sampling."""
+    return {q for q, v in _groups(rewards, ids).items() if max(v) - min(v) <= NO_SIGNAL_TOL * max(1.0, *map(abs, v))}
 
 
 def group_metrics(rewards: torch.Tensor, ids: Sequence[str]) -> dict[str, float]:
-    """Per question id: the mean spread of its rewards, and the share of ids whose rewards were all
-    equal (every advantage 0: nothing to learn from that question)."""
-    groups: dict[str, list[float]] = {}
-    for question, reward in zip(ids, rewards.tolist(), strict=True):
-        groups.setdefault(question, []).append(reward)
+    """Per question id: the mean spread of its rewards, and the share of ids without signal
+    (`flat_groups`: every advantage 0)."""
+    groups = _groups(rewards.tolist(), ids)
     stds = [float(np.std(values, ddof=1)) for values in groups.values()]
     return {
         "reward/group_std": float(np.mean(stds)),
-        "reward/zero_advantage_groups": float(np.mean([max(v) == min(v) for v in groups.values()])),
+        "reward/zero_advantage_groups": len(flat_groups(rewards.tolist(), ids)) / len(groups),
     }
 
 
 def informative(scored: ScoredStep) -> tuple[ScoredStep, int]:
     """The step without the questions whose rewards were all equal (every advantage 0: nothing
     to learn), and how many were dropped."""
-    flat = {q for q, members in _by_question(scored.experiences).items() if all(e.advantage == 0.0 for e in members)}
+    flat = scored.flat & set(_by_question(scored.experiences))
     kept = [e for e in scored.experiences if e.record.id not in flat]
     return ScoredStep(kept, dict(scored.metrics), list(scored.failed), scored.completions), len(flat)
 

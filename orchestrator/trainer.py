@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,8 @@ from orchestrator.paths import with_absolute_paths
 from orchestrator.placement import Placement, cluster_gpus, place
 from orchestrator.plan import RunPlan, cluster_of, make_plan, ray_cpus
 from orchestrator.ray_connect import connect
-from orchestrator.sampler import QuestionSampler
+from orchestrator.run_state import COUNTERS, PendingBatch, RunState
+from orchestrator.sampler import QuestionSampler, request_salts
 from orchestrator.scoring import ScoredStep, fill_informative, score_step
 from orchestrator.weight_sync import WeightSync
 from rewards import RewardSet
@@ -46,6 +48,7 @@ class Batch:
     step: int
     indices: list[int]
     records: list[Record]
+    salts: list[int | str] = field(default_factory=list)  # per question: its request seeds' salt
     pending: PendingRollout | None = None
     results: list[RolloutResult] = field(default_factory=list)
     rollout_seconds: float = 0.0
@@ -78,6 +81,9 @@ class Trainer:
         self.skipped_steps = 0
         self.no_signal_steps = 0  # consecutive steps whose every group had one reward value
         self.checkpoint_failures = 0
+        self.restarts = 0  # automatic restarts of this run (all calls), set by train()
+        self.pending: Batch | None = None  # one step off policy: the next step's rollout
+        self.drawn: dict[int, Counter[str]] = {}  # step → question id → times drawn in that step
         self.sleeps = plan.layout.engines_sleep  # colocated on GPUs: engines sleep while the learner trains
         self.sharing = GpuSharing(self._on_engines, enabled=self.sleeps, sync_every=plan.sync.every)
 
@@ -115,10 +121,17 @@ class Trainer:
             f"of {self.schedule.questions_per_step} questions × {self.schedule.group_size}"
         )
         if self.resume_from is not None:
-            state = ckpt.read_run_state(self.resume_from)
+            state = RunState.from_json(ckpt.read_run_state(self.resume_from), str(self.resume_from / ckpt.RUN_STATE))
             self.learner.load_train_state(str(self.resume_from))
-            self.sampler.load_state_dict(state["sampler"])
-            self.step = int(state["step"])
+            self.sampler.load_state_dict(state.sampler)
+            self.step = state.step
+            for name, value in state.counters.items():
+                setattr(self, name, value)
+            if state.pending is not None:  # one step off policy: the next step's rollout, as it was
+                p = state.pending
+                self.pending = Batch(step=p.step, indices=p.indices, records=[self.train_records[i] for i in p.indices],
+                                     salts=p.salts, results=p.results, rollout_seconds=p.rollout_seconds)
+                self._salts(p.step, self.pending.records)  # its questions count as drawn in that step
             for name in ("metrics.jsonl", "questions.jsonl", SAMPLES_FILE):
                 ckpt.truncate_jsonl(self.run_dir / name, self.step)  # drop steps done after that checkpoint
             self._say(f"resumed from {self.resume_from} at step {self.step}")
@@ -154,12 +167,18 @@ class Trainer:
             self._restart_engines(exc.engines, why)
 
     # ------------------------------------------------------------------ the loop
+    def _salts(self, step: int, records: list[Record]) -> list[int | str]:
+        for old in [s for s in self.drawn if s < step - 1]:  # a step and the next (off policy) are open
+            del self.drawn[old]
+        return request_salts(step, [r.id for r in records], self.drawn.setdefault(step, Counter()))
+
     def _submit(self, step: int, count: int | None = None) -> Batch:
         assert self.pool is not None
         indices = self.sampler.next(count or self.schedule.questions_per_step)
         records = [self.train_records[i] for i in indices]
-        batch = Batch(step=step, indices=indices, records=records, submitted_at=time.perf_counter())
-        batch.pending = self.pool.submit(records, self.schedule.group_size, self.plan.sampling, salt=step)
+        batch = Batch(step=step, indices=indices, records=records, salts=self._salts(step, records),
+                      submitted_at=time.perf_counter())
+        batch.pending = self.pool.submit(records, self.schedule.group_size, self.plan.sampling, salt=batch.salts)
         return batch
 
     def _collect(self, batch: Batch) -> None:
@@ -171,7 +190,7 @@ class Trainer:
             self._restart_engines(dead, f"during the rollout of step {batch.step}")
             lost = [i for i, r in enumerate(results) if r is None]
             retry = self.pool.submit([batch.records[i] for i in lost], self.schedule.group_size,
-                                     self.plan.sampling, salt=batch.step)
+                                     self.plan.sampling, salt=[batch.salts[i] for i in lost])
             part, dead = self.pool.collect_partial(retry)
             for i, result in zip(lost, part, strict=True):
                 results[i] = result
@@ -226,26 +245,27 @@ class Trainer:
         last: dict[str, float] = {}
         end = self.total_steps if c.stop_after is None else min(self.total_steps, self.step + c.stop_after)
         try:
-            pending: Batch | None = None
             while self.step < end:
                 step = self.step + 1
                 step_started = time.perf_counter()
-                if pending is None:
+                if self.pending is None:
                     batch = self._submit(step)
                     self._collect(batch)
                 else:
-                    batch, pending = pending, None
+                    batch, self.pending = self.pending, None
                 self._record_questions(batch)
-                if c.off_policy and step < end:
-                    pending = self._submit(step + 1)  # rolls out on the current weights while we learn
+                if c.off_policy and step < self.total_steps:
+                    # rolls out on the current weights while we learn; also past a --stop-after-steps
+                    # end, where the checkpoint keeps it for the resumed run
+                    self.pending = self._submit(step + 1)
                 scored = self._score(batch)
                 samples.log(step, scored.completions)
                 asleep = self.sharing.sleep()
                 values = self._learn(batch, scored)
                 self._check_skipped(values, step)
                 self._check_signal(values, step, logger)
-                if pending is not None:
-                    self._collect(pending)  # engines finish the next rollout before new weights arrive
+                if self.pending is not None:
+                    self._collect(self.pending)  # engines finish the next rollout before new weights arrive
                 values.update(asleep)
                 push = step % self.plan.sync.every == 0 or step == self.total_steps
                 values.update(self.sharing.wake_and_push(self._push if push else None))
@@ -370,8 +390,14 @@ class Trainer:
     # ------------------------------------------------------------------ checkpoints & eval
     def _checkpoint(self) -> Path:
         assert self.learner is not None
-        state = {"step": self.step, "sampler": self.sampler.state_dict(), "total_steps": self.total_steps,
-                 "config": self.plan.config_record, "time": time.time()}
+        pending = None
+        if self.pending is not None:
+            p = self.pending
+            pending = PendingBatch(step=p.step, indices=p.indices, salts=p.salts, results=p.results,
+                                   rollout_seconds=p.rollout_seconds)
+        state = RunState(step=self.step, total_steps=self.total_steps, sampler=self.sampler.state_dict(),
+                         counters={name: int(getattr(self, name)) for name in COUNTERS}, pending=pending,
+                         config=self.plan.config_record, time=time.time()).to_json()
         path = ckpt.save_checkpoint(
             self.run_dir, self.step, lambda tmp: self.learner.save(str(tmp), {"step": self.step}),  # type: ignore[union-attr]
             state, keep_last=self.schedule.keep_last, verify=ckpt.verify_model_folder,
@@ -429,14 +455,16 @@ def train(
     """Run to the end; a learner rank that dies restarts the run from the last checkpoint up to
     ``faults.max_restarts`` times, else the run stops saying how to resume."""
     config = with_absolute_paths(config)  # before any actor sees a path (README: "Paths in the config")
-    attempt = 0
+    attempt, restarts = 0, 0
     while True:
         plan, data = prepare(config, resume=resume or attempt > 0, stop_after=stop_after, console=console)
         trainer = Trainer(plan, data, console=console)
         try:
             trainer.start()
+            # the run's restarts: those its checkpoint counted, or this call's, whichever knows more
+            trainer.restarts = restarts = max(trainer.restarts, restarts) + (attempt > 0)
             summary = trainer.run()
-            summary["restarts"] = attempt
+            summary["restarts"] = trainer.restarts
             return summary
         except LearnerDied as exc:
             if attempt >= plan.schedule.max_restarts:

@@ -24,7 +24,7 @@ from rollout.types import Completion, EngineSettings, RolloutResult, SamplingSet
 CPU_KV_CACHE_BYTES = 256 << 20
 
 
-def request_seed(base: int, record_id: str, salt: int) -> int:
+def request_seed(base: int, record_id: str, salt: int | str) -> int:
     """A per-request seed from the run seed, the question and a call counter (stable across runs)."""
     digest = hashlib.sha256(f"{base}:{record_id}:{salt}".encode()).digest()
     return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
@@ -148,14 +148,16 @@ class RolloutEngine:
         records: Sequence[Record],
         n: int,
         sampling: SamplingSettings,
-        salt: int | None = None,
+        salt: int | Sequence[int | str] | None = None,
         media_overrides: Sequence[dict[str, Any] | None] | None = None,
     ) -> list[RolloutResult]:
         """``n`` completions per record, in the records' order. A record whose media fail gets a
         result with ``error`` set; the others are served. ``media_overrides`` replace a record's
-        image or audio (evaluation ablations)."""
+        image or audio (evaluation ablations). ``salt`` (one, or one per record) goes into each
+        request's seed; None: this engine's call count."""
         self.calls += 1
         salt = self.calls if salt is None else salt
+        salts = [salt] * len(records) if isinstance(salt, int) else list(salt)
         results: list[RolloutResult] = []
         inputs, params, slots = [], [], []
         for i, record in enumerate(records):
@@ -177,7 +179,7 @@ class RolloutEngine:
             if refused is not None:
                 results.append(RolloutResult(record.id, error=f"MediaLimit: record {record.id} ({record.data_type}): {refused}"))
                 continue
-            seed = None if sampling.seed is None else request_seed(sampling.seed, record.id, salt)
+            seed = None if sampling.seed is None else request_seed(sampling.seed, record.id, salts[i])
             params.append(sampling_params(sampling, n, seed, self.logit_bias))
             inputs.append(prompt.vllm_input())
             slots.append(len(results))

@@ -52,16 +52,22 @@ class EnginePool:
         records: Sequence[Record],
         n: int,
         sampling: SamplingSettings,
-        salt: int | None = None,
+        salt: int | Sequence[int | str] | None = None,
         media_overrides: Sequence[dict[str, Any] | None] | None = None,
     ) -> PendingRollout:
+        """``salt``: one for every question, or one per question (a question asked twice in one
+        step needs two, or its completions repeat: the request seed derives from the question and
+        the salt, `rollout.engine.request_seed`)."""
         targets = self.assign(len(records))
+        if salt is not None and not isinstance(salt, int) and len(salt) != len(records):
+            raise ValueError(f"{len(salt)} salts for {len(records)} questions")
         futures, slots, engines = [], [], []
         for engine in sorted(set(targets)):
             idx = [i for i, t in enumerate(targets) if t == engine]
             sub = [records[i] for i in idx]
             overrides = [media_overrides[i] for i in idx] if media_overrides else None
-            futures.append(self.engines[engine].generate.remote(sub, n, sampling, salt, overrides))
+            salts = salt if salt is None or isinstance(salt, int) else [salt[i] for i in idx]
+            futures.append(self.engines[engine].generate.remote(sub, n, sampling, salts, overrides))
             slots.append(idx)
             engines.append(engine)
             self.load[engine] += len(idx)

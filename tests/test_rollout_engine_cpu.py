@@ -208,3 +208,19 @@ def test_pushed_weights_change_generation_like_the_same_weights_from_disk(
     finally:
         ray_local.kill(pushed)
         ray_local.kill(fresh)
+
+
+def test_a_question_drawn_twice_in_a_step_gets_distinct_completions(ray_local, engine, records) -> None:
+    from collections import Counter
+
+    from orchestrator.sampler import request_salts
+
+    seen: Counter[str] = Counter()
+    salts = request_salts(5, [records[0].id, records[1].id, records[0].id], seen)
+    assert salts == [5, 5, "5.1"] and request_salts(5, [records[0].id], seen) == ["5.2"]  # a later draw too
+    twice = [records[0], records[0]]
+    same = ray_local.get(engine.generate.remote(twice, 4, SAMPLING, salt=5))
+    assert [c.token_ids for c in same[0].completions] == [c.token_ids for c in same[1].completions]  # one seed: copies
+    distinct = ray_local.get(engine.generate.remote(twice, 4, SAMPLING, salt=salts[::2]))
+    assert [c.token_ids for c in distinct[0].completions] == [c.token_ids for c in same[0].completions]  # first: as before
+    assert [c.token_ids for c in distinct[1].completions] != [c.token_ids for c in distinct[0].completions]

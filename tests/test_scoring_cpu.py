@@ -165,3 +165,22 @@ def test_completions_keep_what_was_scored_through_the_filters() -> None:
     filled = fill_informative(scored, lambda n: pytest.fail("nothing to draw"), 1, 0)
     assert [e.record.id for e in filled.experiences] == ["q1", "q1"]  # q2's equal rewards dropped
     assert filled.completions == done
+
+
+def test_no_signal_has_one_tolerance_for_the_metric_and_the_filter() -> None:
+    # {accuracy: 1, format: 0.1}: three format-only completions score 0.1 each, whose mean is not
+    # exactly 0.1 in floats, so (r - mean) / (std + eps) is about -1e-13 and not 0
+    rewards = RewardSet(weights={"accuracy": 1.0, "format": 0.1})
+    flat_q = RolloutResult("q1", completions=[completion(RIGHT.format("A"))] * 3)  # 0.1 each
+    spread_q = RolloutResult("q2", completions=[completion(RIGHT.format("B")), completion(RIGHT.format("A")),
+                                                completion(WRONG)])  # 1.1, 0.1, 0
+    totals = torch.tensor([0.1, 0.1, 0.1], dtype=torch.float64)
+    assert float(((totals - totals.mean()) / (totals.std() + 1e-4))[0]) != 0.0  # what the tolerance is for
+    scored = score_step(1, [record("q1"), record("q2")], [flat_q, spread_q], rewards, ScoringRules())
+    assert scored.flat == {"q1"}
+    assert [e.advantage for e in scored.experiences[:3]] == [0.0, 0.0, 0.0]
+    assert all(e.advantage != 0.0 for e in scored.experiences[3:])
+    assert scored.metrics["reward/zero_advantage_groups"] == 0.5
+    kept = fill_informative(scored, lambda n: pytest.fail("no draw needed"), want=1, max_rounds=0)
+    assert kept.metrics["filter/dropped_groups"] == 1.0  # the filter drops what the metric counts
+    assert {e.record.id for e in kept.experiences} == {"q2"}
