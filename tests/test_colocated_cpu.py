@@ -18,7 +18,8 @@ from test_reliability_cpu import drawn_ids, expected_ids, run_in_thread, wait_fo
 from test_train_e2e_cpu import tiny_config
 
 from orchestrator.checkpoint import latest_checkpoint, list_checkpoints
-from orchestrator.trainer import Batch, Trainer, train
+from orchestrator.paths import with_absolute_paths
+from orchestrator.trainer import Batch, Trainer, prepare, train
 from watch.jsonl import read_metrics
 
 ONE_PAIR = ("learner.num_ranks=1", "rollout.num_engines=1")
@@ -37,7 +38,8 @@ class RecordingTrainer(Trainer):
 
 
 def run(config) -> tuple[RecordingTrainer, dict]:
-    trainer = RecordingTrainer(config, console=False)
+    plan, data = prepare(with_absolute_paths(config), console=False)
+    trainer = RecordingTrainer(plan, data, console=False)
     try:
         trainer.start()
         return trainer, trainer.run()
