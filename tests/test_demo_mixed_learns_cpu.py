@@ -4,7 +4,7 @@ alone and image with sound in one synthetic set, mixed within every step.
 Synthetic mixed set → random tiny checkpoint → format-only warm start on that set → GRPO
 (configs/tiny_mixed_cpu.yaml) → evaluation with every ablation. The policy must beat its warm start
 on the same validation questions beyond the sampling noise, and lose accuracy when the sound is
-taken from the questions that have one. (In 80 steps the tiny model learns the pitch, and the
+taken from the questions that have one. (In 110 steps the tiny model learns the pitch, and the
 colour a little; not yet the direction of motion: grey frames change no answer. See README.)
 """
 
