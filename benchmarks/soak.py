@@ -170,8 +170,12 @@ def main(argv: list[str] | None = None) -> int:
         ])
 
     rng = random.Random(args.seed)
-    kills = {w + rng.randint(5, args.every - 5): rng.choice(["engine", "learner"])
-             for w in range(0, args.steps - 5, args.every)}
+    # one kill in every window, never past the last step; the roles alternate (a random first), so
+    # both an engine and a learner rank die in any soak of two windows or more
+    first = rng.randrange(2)
+    windows = range(0, args.steps - 5, args.every)
+    kills = {min(w + rng.randint(5, args.every - 5), args.steps - 1): ("engine", "learner")[(first + i) % 2]
+             for i, w in enumerate(windows)}
     stop_at = rng.randint(args.steps // 4, 3 * args.steps // 4)
     print(f"[soak] kills {sorted(kills.items())}; stop and --resume after step {stop_at}", flush=True)
 
