@@ -33,25 +33,23 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]
 
-ROLES = {"ray::RolloutEngine": "engine", "ray::LearnerWorker": "learner"}
+ROLES = {"RolloutEngine": "engine", "LearnerWorker": "learner"}
 WARMUP_STEPS = 50
 GROWTH_LIMIT = 0.05
 
 
-def actor_pids() -> dict[int, str]:
-    """The live EchoInk actor processes on this machine and their role, from Ray's process titles."""
-    out: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            title = (entry / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
-        except OSError:
-            continue
-        for prefix, role in ROLES.items():
-            if title.startswith(prefix):
-                out[int(entry.name)] = role
-    return out
+def actor_pids(run: Path) -> dict[int, str]:
+    """The live actors of the run in folder ``run`` and their role, from Ray's actor table: their
+    Ray names start with the run folder's name (`orchestrator.placement.actor_name`), so actors
+    of other runs on the same machine, or of this run's earlier attempts, are never counted."""
+    import ray
+
+    prefix = f"echoink-{run.name}-"
+    return {
+        int(actor["Pid"]): ROLES[actor["ActorClassName"]]
+        for actor in ray._private.state.actors(actor_state_name="ALIVE").values()
+        if actor["ActorClassName"] in ROLES and actor["Name"].startswith(prefix) and actor["Pid"]
+    }
 
 
 def rss_mb(pid: int) -> float | None:
@@ -78,8 +76,6 @@ class Watch:
 
     def __init__(self, run_dir: Path, kills: dict[int, str], rng: random.Random) -> None:
         self.run_dir, self.kills, self.rng = run_dir, dict(kills), rng
-        # actors of an earlier run still exiting are never the soaked run's: never chosen
-        self.earlier = set(actor_pids())
         self.done: list[dict[str, Any]] = []
         self.memory: dict[int, list[tuple[int, float, str]]] = {}  # pid → (step, MiB, role)
         self.stop = threading.Event()
@@ -89,7 +85,7 @@ class Watch:
     def _loop(self) -> None:
         while not self.stop.is_set():
             step = last_step(self.run_dir)
-            pids = {pid: role for pid, role in actor_pids().items() if pid not in self.earlier}
+            pids = actor_pids(self.run_dir)
             for pid, role in pids.items():
                 mb = rss_mb(pid)
                 if mb is not None:

@@ -155,8 +155,8 @@ def check_capacity(layout: Layout, have: int) -> None:
 
 def place(layout: Layout, timeout_s: float = 600.0) -> Placement:
     """Placement groups for the layout's engines and learner ranks, and each actor's options; with
-    a ``label`` (run_label) every actor and group is named after the run."""
-    check_capacity(layout, cluster_gpus())
+    a ``label`` (run_label) every actor and group is named after the run. Whether the cluster holds
+    the layout was checked when it was planned (`orchestrator.plan.layout_for`)."""
     env = {"env_vars": actor_env()}
     engine_bundle: dict[str, float] = {"CPU": layout.cpus_per_engine, **layout.engine_resources}
     rank_bundle: dict[str, float] = {"CPU": layout.cpus_per_rank, **layout.learner_resources}

@@ -103,7 +103,6 @@ class RunPlan:
     eval: EvalSettings
     sync: SyncPlan
     schedule: Schedule
-    ray_cpus: float  # logical CPUs the run's actors ask for
     warnings: tuple[str, ...] = ()
     config_record: dict[str, Any] = field(default_factory=dict, compare=False)  # config.yaml, run_state.json
 
@@ -232,7 +231,6 @@ def make_plan(
         eval=eval_settings(c),
         sync=sync,
         schedule=schedule,
-        ray_cpus=ray_cpus(c),
         warnings=tuple(config_warnings(c)),
         config_record=c.model_dump(mode="json"),
     )

@@ -81,6 +81,9 @@ def test_stopped_and_resumed_trains_as_the_straight_run(straight, tiny_checkpoin
     assert_same_run(reference, out)
 
 
+# on policy only: a restart resumes through the same path as --resume (tested both ways above),
+# and each of these runs costs two minutes of CI
+@pytest.mark.parametrize("straight", ["on-policy"], indirect=True)
 def test_restart_after_a_learner_kill_trains_as_the_straight_run(
     straight, tiny_checkpoint, synth_dir, tmp_path, monkeypatch
 ) -> None:

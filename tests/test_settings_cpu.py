@@ -27,7 +27,6 @@ from orchestrator.settings import (
     learner_settings,
     media_settings,
     sampling_settings,
-    scoring_rules,
 )
 from rollout.types import EngineSettings, SamplingSettings
 
@@ -127,19 +126,10 @@ def with_values(values: dict[str, Any], base: RunConfig | None = None) -> RunCon
     return RunConfig.model_validate(tree)
 
 
-def built(config: RunConfig) -> tuple[Any, ...]:
-    """What the trainer starts from: the run's plan (its config record aside), and the settings the
-    evaluation job and the benchmarks build directly."""
-    plan = make_plan(config, Cluster(use_gpus=False), train_size=100)
-    return (
-        plan,
-        engine_settings(config),
-        learner_settings(config, 3),
-        sampling_settings(config),
-        eval_settings(config),
-        media_settings(config),
-        scoring_rules(config),
-    )
+def built(config: RunConfig) -> Any:
+    """What the trainer starts from: the run's plan (its config record aside), which holds every
+    settings object `orchestrator.settings` makes (engine, learner, sampling, scoring, evaluation)."""
+    return make_plan(config, Cluster(use_gpus=False), train_size=100)
 
 
 def test_settings_defaults_equal_the_config_defaults() -> None:
