@@ -361,8 +361,12 @@ class LearnerWorker:
                 yield [p.data.to(self.dtype) if p.is_floating_point() else p.data for p in params] if mine else None
 
     def init_weight_sync(self, info: GroupInfo) -> bool:
-        """Rank 0 joins the sync group as its rank 0 (blocks until every engine worker has joined)."""
+        """Rank 0 joins the sync group as its rank 0 (blocks until every engine worker has joined);
+        the group it had (before an engine restart) is closed first, not left beside the new one."""
         if self.rank == 0:
+            if self.sync is not None:
+                old, self.sync = self.sync, None
+                old.close()
             self.sync = SyncGroup(info, 0, device=self.device)
         return True
 
