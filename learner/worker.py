@@ -458,9 +458,9 @@ class LearnerWorker:
         return {"rank": self.rank, "folder": str(dest)}
 
     def _write_failpoint(self) -> None:
-        """Tests: a write of this rank that fails (``learner.write.rank1@2=enospc``: rank 1's
-        second file). Each file a rank writes is a hit: rank 0's model folder and weight files,
-        then DeepSpeed's files of every rank."""
+        """Tests: a write of this rank that fails; each file a rank writes is a hit (rank 0's
+        model folder and weight files, then DeepSpeed's files of every rank), so
+        ``ECHOINK_FAILPOINTS=learner.write.rank1@2=enospc`` fails rank 1's second file."""
         failpoint(f"learner.write.rank{self.rank}")
 
     def load_train_state(self, folder: str) -> dict[str, Any]:

@@ -97,6 +97,70 @@ def test_a_killed_engine_is_restarted_and_no_question_is_lost(ray_local, tiny_ch
     assert rows[-1]["faults/engine_restarts"] == 1
 
 
+def actors_named(ray, names: set[str]) -> dict[str, str]:
+    """Ray's actor table (its control store's, no dashboard needed): each named actor's state."""
+    from ray._private.state import actors
+
+    return {row["Name"]: row["State"] for row in actors().values() if row["Name"] in names}
+
+
+def running(pids: list[int]) -> list[int]:
+    import psutil
+
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def test_train_returns_once_its_actors_are_gone(ray_local, tiny_checkpoint, synth_dir, tmp_path) -> None:
+    """Right after train() returns, Ray lists every actor of the run as DEAD and none of their
+    processes runs (on a GPU: their memory is free for whatever comes next)."""
+    out = tmp_path / "run"
+    config = tiny_config(tiny_checkpoint, synth_dir, out, "total_steps=1", "checkpoint.every=0",
+                         "checkpoint.at_end=false")
+    assert train(config, console=False)["finished"]
+    placed = json.loads((out / "placement.json").read_text())
+    members = placed["engines"] + placed["learner_ranks"]
+    assert running([m["pid"] for m in members]) == []
+    names = {m["actor"] for m in members}
+    assert len(names) == 3 and actors_named(ray_local, names) == dict.fromkeys(names, "DEAD")
+
+
+def test_an_actor_whose_process_does_not_end_is_named(ray_local) -> None:
+    """An actor whose process does not respond (stopped here, as one stuck in a GPU driver call
+    would look) outlives ray.kill for a while: Ray lists it DEAD at once, but its process runs
+    on. The wait gives up at its timeout naming the actor by its Ray name and its process; a
+    second wait sees the process end (Ray force-kills it after its own grace period)."""
+    from orchestrator.teardown import describe, kill_and_wait
+
+    @ray_local.remote(num_cpus=0)
+    class Stuck:
+        def pid(self) -> int:
+            return os.getpid()
+
+    name = f"stuck-{os.getpid()}"
+    stuck = Stuck.options(name=name).remote()
+    pid = ray_local.get(stuck.pid.remote())
+    entry = describe(stuck)
+    assert entry.name == name and entry.pids == [pid]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        survivors = kill_and_wait([stuck], timeout_s=1.0)
+        assert 1.0 <= time.monotonic() - started < 10
+        assert survivors == [f"{name} (process {pid} on node {entry.node_id[:12]})"]
+        assert actors_named(ray_local, {name}) == {name: "DEAD"}
+        assert kill_and_wait([stuck], timeout_s=120) == [] and running([pid]) == []
+    finally:
+        if running([pid]):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_engine_restart_limit_ends_the_run(ray_local, tiny_checkpoint, synth_dir, tmp_path) -> None:
     out = tmp_path / "run"
     config = tiny_config(
