@@ -19,6 +19,7 @@ from orchestrator.placement import cluster_gpus, place
 from orchestrator.plan import cluster_of, layout_for
 from orchestrator.ray_connect import connect
 from orchestrator.settings import engine_settings, eval_settings
+from orchestrator.teardown import end_actors
 from rollout.engine import RolloutEngine
 from rollout.pool import EnginePool
 
@@ -116,8 +117,7 @@ def run_evals(
                 )
             )
     finally:
-        for engine in engines:
-            ray.kill(engine)
+        end_actors(engines, f"evaluating {checkpoint}")  # returns once their GPUs are free
         placement.remove()
     if report is not None and report.skipped:
         for result in results:

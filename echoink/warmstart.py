@@ -20,6 +20,7 @@ from learner.types import Experience, LearnerSettings
 from omni.inputs import MediaSettings, load_processor
 from orchestrator.placement import Layout, place
 from orchestrator.ray_connect import connect
+from orchestrator.teardown import end_actors
 
 # Names no option and no cue value: it says what to look at, not what was seen.
 REASONING = "let me match the colour and the tone"
@@ -78,7 +79,7 @@ def warm_start(
                 print(f"[echoink] warm start step {step}/{steps}: NLL per token {losses[-1]:.3f}", flush=True)
         group.save(str(out), train_state=False)  # a model folder, not a run to resume
     finally:
-        group.kill()
+        end_actors(group.workers, f"the warm start of {out}")  # returns once their GPUs are free
         placement.remove()
     summary = {
         "source": str(model), "data": str(data), "records": len(records), "steps": steps, "batch": batch,

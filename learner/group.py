@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
 import ray
 
+from learner.checkpoint_io import CheckpointWriteFailed
 from learner.grpo import LossNorm
 from learner.types import Experience, LearnerSettings
 from learner.worker import LearnerWorker
 from omni.inputs import completion_mask
 from omni.metric_table import LEARNER_METRICS
 from omni.weightsync import BucketSpec, GroupInfo
+
+AGREED_ERRORS_S = 30.0  # how long a failed save waits for the other ranks' copies of its error
 
 
 class LearnerDied(RuntimeError):
@@ -193,7 +197,22 @@ class LearnerGroup:
 
     # checkpoints ----------------------------------------------------------------
     def save(self, folder: str, client_state: dict[str, Any] | None = None, train_state: bool = True) -> None:
-        gather([w.save.remote(folder, client_state, train_state) for w in self.workers], "a checkpoint")
+        """Every rank's part of the checkpoint in ``folder``. A write that failed on any rank
+        raises `CheckpointWriteFailed` (an OSError naming the ranks and their reasons), which
+        every rank raised after the same collectives: the group stays usable."""
+        futures = [w.save.remote(folder, client_state, train_state) for w in self.workers]
+        try:
+            gather(futures, "a checkpoint")
+        except ray.exceptions.RayTaskError as exc:
+            if not isinstance(exc.cause, CheckpointWriteFailed):
+                raise
+            # the other ranks raised the same a moment later: read theirs too (Ray logs an error
+            # that nobody read as unhandled)
+            ready, _ = ray.wait(futures, num_returns=len(futures), timeout=AGREED_ERRORS_S)
+            for ref in ready:
+                with contextlib.suppress(ray.exceptions.RayError):
+                    ray.get(ref)
+            raise exc.cause from exc  # the ranks' agreed words, without Ray's remote traceback
 
     def load_train_state(self, folder: str) -> dict[str, Any]:
         return gather([w.load_train_state.remote(folder) for w in self.workers], "loading the train state")[0]

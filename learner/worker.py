@@ -22,7 +22,13 @@ from typing import Any
 
 import torch
 
-from learner.checkpoint_io import export_model, load_train_state, save_train_state
+from learner.checkpoint_io import (
+    agree,
+    deferred_write_errors,
+    export_model,
+    load_train_state,
+    save_train_state,
+)
 from learner.correction import mismatch_parts, resolve_correction, rollout_weights, sampler_logprobs
 from learner.grpo import LossNorm, aggregate, policy_loss
 from learner.model import (
@@ -355,8 +361,12 @@ class LearnerWorker:
                 yield [p.data.to(self.dtype) if p.is_floating_point() else p.data for p in params] if mine else None
 
     def init_weight_sync(self, info: GroupInfo) -> bool:
-        """Rank 0 joins the sync group as its rank 0 (blocks until every engine worker has joined)."""
+        """Rank 0 joins the sync group as its rank 0 (blocks until every engine worker has joined);
+        the group it had (before an engine restart) is closed first, not left beside the new one."""
         if self.rank == 0:
+            if self.sync is not None:
+                old, self.sync = self.sync, None
+                old.close()
             self.sync = SyncGroup(info, 0, device=self.device)
         return True
 
@@ -416,23 +426,42 @@ class LearnerWorker:
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, folder: str, client_state: dict[str, Any] | None = None, train_state: bool = True) -> dict[str, Any]:
-        """Write the loadable model folder (rank 0) and the resumable train state (every rank)."""
+        """Write the loadable model folder (rank 0) and the resumable train state (every rank).
+
+        All ranks saved, or every rank raises the same `CheckpointWriteFailed` (naming the ranks
+        whose writes failed and why): a rank's failed write is held until it has joined the
+        collectives the other ranks are in, and the ranks agree on the outcome of each part
+        before any of them starts the next one.
+        """
         dest = Path(folder)
         specs = self.weight_specs(bucket_bytes=1 << 30)
+        gathered = self._gathered(specs)  # under ZeRO-3 each bucket is a gather every rank joins
 
         def named() -> Iterator[tuple[str, torch.Tensor]]:
-            for spec, tensors in zip(specs, self._gathered(specs), strict=True):
+            for spec, tensors in zip(specs, gathered, strict=True):
                 if tensors is not None:
                     yield from ((ts.name, t) for ts, t in zip(spec.tensors, tensors, strict=True))
 
+        failure: BaseException | None = None
         if self.rank == 0:
-            export_model(Path(self.settings.model_path), dest, named())
-        else:
-            for _ in named():
-                pass
+            try:
+                export_model(Path(self.settings.model_path), dest, named(), on_write=self._write_failpoint)
+            except Exception as exc:  # noqa: BLE001 - agreed below, raised on every rank
+                failure = exc
+        for _ in gathered:  # the gathers the failed write left (all of them on the other ranks)
+            pass
+        agree(failure, f"writing the model folder {dest}")
         if train_state:
-            save_train_state(self.engine, dest, client_state)
+            with deferred_write_errors(self.engine, on_write=self._write_failpoint) as failures:
+                save_train_state(self.engine, dest, client_state)
+            agree(failures[0] if failures else None, f"writing the train state in {dest}")
         return {"rank": self.rank, "folder": str(dest)}
+
+    def _write_failpoint(self) -> None:
+        """Tests: a write of this rank that fails; each file a rank writes is a hit (rank 0's
+        model folder and weight files, then DeepSpeed's files of every rank), so
+        ``ECHOINK_FAILPOINTS=learner.write.rank1@2=enospc`` fails rank 1's second file."""
+        failpoint(f"learner.write.rank{self.rank}")
 
     def load_train_state(self, folder: str) -> dict[str, Any]:
         """Restore the optimizer, schedule and weights that :meth:`save` wrote; returns its client state."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import weakref
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -125,6 +126,20 @@ def engine_ranks(engine_index: int, tensor_parallel_size: int) -> list[int]:
     return list(range(start, start + tensor_parallel_size))
 
 
+# This process's sync groups that are open (made and not closed), and the most that were open at
+# once: a member that replaces its group closes the old one first (`SyncGroup.close`), so that
+# an engine restart never leaves a second communicator (NCCL buffers on a GPU, gloo's sockets
+# and threads, the rendezvous store's port) beside the new one.
+_open: weakref.WeakSet[SyncGroup] = weakref.WeakSet()
+_census = {"made": 0, "closed": 0, "most_open": 0}
+
+
+def census() -> dict[str, int]:
+    """This process's sync groups: ``open`` now, ``made`` and ``closed`` so far, ``most_open`` at
+    once (what tests of the group's life read inside a learner rank or an engine)."""
+    return {"open": len(_open), **_census}
+
+
 class SyncGroup:
     """A process group of its own (not the default one), so it can sit beside DeepSpeed's or vLLM's."""
 
@@ -147,9 +162,33 @@ class SyncGroup:
             self.group = dist.ProcessGroupNCCL(store, rank, info.world_size, options)
         else:
             raise ValueError(f"unknown sync backend {info.backend!r} (gloo or nccl)")
+        _open.add(self)
+        _census["made"] += 1
+        _census["most_open"] = max(_census["most_open"], len(_open))
+
+    def close(self) -> None:
+        """Tear the communicator down now, not whenever the object happens to be collected; a
+        second call does nothing. NCCL's is aborted: a member that replaces its group does so
+        because the members changed, and a peer that died mid-push would keep a graceful
+        shutdown waiting for its part of the last collective. Gloo's is shut down, which closes
+        its connections; the store goes with the last reference (rank 0's frees its port)."""
+        group, self.group = self.group, None
+        if group is None:
+            return
+        _open.discard(self)
+        _census["closed"] += 1
+        try:
+            if self.info.backend == "nccl":
+                group.abort()
+            else:
+                group.shutdown()
+        finally:
+            self.store = None
 
     def broadcast(self, tensor: torch.Tensor) -> dist.Work:
         """Start a broadcast from rank 0; the caller waits on the returned work."""
+        if self.group is None:
+            raise RuntimeError(f"sync group rank {self.rank} of {self.info.host}:{self.info.port} is closed")
         opts = dist.BroadcastOptions()
         opts.rootRank = 0
         opts.rootTensor = 0

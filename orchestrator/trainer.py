@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +33,7 @@ from orchestrator.ray_connect import connect
 from orchestrator.run_state import COUNTERS, PendingBatch, RunState
 from orchestrator.sampler import QuestionSampler, request_salts
 from orchestrator.scoring import ScoredStep, fill_informative, score_step
+from orchestrator.teardown import SHUTDOWN_TIMEOUT_S, kill_and_wait
 from orchestrator.weight_sync import WeightSync
 from rewards import RewardSet
 from rollout.engine import RolloutEngine
@@ -410,15 +412,27 @@ class Trainer:
         return evaluate_in_run(self.pool, self.valid_records, self.plan.eval, subset=self.schedule.eval_subset,
                                run_dir=self.run_dir, step=self.step, name=name, say=self._say)
 
-    def shutdown(self) -> None:
+    def shutdown(self, strict: bool = False, timeout_s: float = SHUTDOWN_TIMEOUT_S) -> list[str]:
+        """Kill the run's actors and return once they are gone: DEAD in Ray's actor table and
+        their processes ended (`orchestrator.teardown`), so the GPUs they held are free for what
+        comes next. Actors still alive after ``timeout_s`` are named in a warning, and with
+        ``strict`` in an error; returns their words. A second call does nothing."""
         if self.sync is not None:
             self.sync.close()
-        if self.learner is not None:
-            self.learner.kill()
-        for engine in self.engines:
-            ray.kill(engine)
+        actors = [*(self.learner.workers if self.learner is not None else []), *self.engines]
+        self.sync, self.learner, self.engines = None, None, []
+        survivors = kill_and_wait(actors, timeout_s) if actors else []
         if self.placement is not None:
-            self.placement.remove()
+            self.placement.remove()  # after the deaths: removing a group kills, but does not wait either
+            self.placement = None
+        if survivors:
+            message = (f"{len(survivors)} actor(s) of the run in {self.run_dir} still running {timeout_s:.0f} s "
+                       f"after they were killed, with the memory they hold: {'; '.join(survivors)}")
+            if strict:
+                raise RuntimeError(message)
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+            self._say(message)
+        return survivors
 
 
 def prepare(
@@ -465,6 +479,7 @@ def train(
             trainer.restarts = restarts = max(trainer.restarts, restarts) + (attempt > 0)
             summary = trainer.run()
             summary["restarts"] = trainer.restarts
+            trainer.shutdown(strict=True)  # returns once the actors are gone (their GPUs free)
             return summary
         except LearnerDied as exc:
             if attempt >= plan.schedule.max_restarts:

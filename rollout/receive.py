@@ -24,11 +24,22 @@ def _device(worker: Any) -> torch.device:
 
 
 def join_sync_group(worker: Any, info: GroupInfo, first_rank: int) -> int:
-    """Join the learner's sync group as ``first_rank`` + this worker's tensor-parallel rank."""
+    """Join the learner's sync group as ``first_rank`` + this worker's tensor-parallel rank; a
+    group joined before (an engine that survived another's restart) is closed first, so the
+    worker never holds two communicators."""
+    leave_sync_group(worker)
     tp_rank = getattr(worker, "rank", 0) or 0
     rank = first_rank + int(tp_rank)
     setattr(worker, _GROUP_ATTR, SyncGroup(info, rank, device=_device(worker)))
     return rank
+
+
+def leave_sync_group(worker: Any) -> None:
+    """Close this worker's sync group, if it has one."""
+    group: SyncGroup | None = getattr(worker, _GROUP_ATTR, None)
+    if group is not None:
+        setattr(worker, _GROUP_ATTR, None)
+        group.close()
 
 
 def head_shares_embeddings(worker: Any) -> bool:

@@ -97,6 +97,70 @@ def test_a_killed_engine_is_restarted_and_no_question_is_lost(ray_local, tiny_ch
     assert rows[-1]["faults/engine_restarts"] == 1
 
 
+def actors_named(ray, names: set[str]) -> dict[str, str]:
+    """Ray's actor table (its control store's, no dashboard needed): each named actor's state."""
+    from ray._private.state import actors
+
+    return {row["Name"]: row["State"] for row in actors().values() if row["Name"] in names}
+
+
+def running(pids: list[int]) -> list[int]:
+    import psutil
+
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
+
+
+def test_train_returns_once_its_actors_are_gone(ray_local, tiny_checkpoint, synth_dir, tmp_path) -> None:
+    """Right after train() returns, Ray lists every actor of the run as DEAD and none of their
+    processes runs (on a GPU: their memory is free for whatever comes next)."""
+    out = tmp_path / "run"
+    config = tiny_config(tiny_checkpoint, synth_dir, out, "total_steps=1", "checkpoint.every=0",
+                         "checkpoint.at_end=false")
+    assert train(config, console=False)["finished"]
+    placed = json.loads((out / "placement.json").read_text())
+    members = placed["engines"] + placed["learner_ranks"]
+    assert running([m["pid"] for m in members]) == []
+    names = {m["actor"] for m in members}
+    assert len(names) == 3 and actors_named(ray_local, names) == dict.fromkeys(names, "DEAD")
+
+
+def test_an_actor_whose_process_does_not_end_is_named(ray_local) -> None:
+    """An actor whose process does not respond (stopped here, as one stuck in a GPU driver call
+    would look) outlives ray.kill for a while: Ray lists it DEAD at once, but its process runs
+    on. The wait gives up at its timeout naming the actor by its Ray name and its process; a
+    second wait sees the process end (Ray force-kills it after its own grace period)."""
+    from orchestrator.teardown import describe, kill_and_wait
+
+    @ray_local.remote(num_cpus=0)
+    class Stuck:
+        def pid(self) -> int:
+            return os.getpid()
+
+    name = f"stuck-{os.getpid()}"
+    stuck = Stuck.options(name=name).remote()
+    pid = ray_local.get(stuck.pid.remote())
+    entry = describe(stuck)
+    assert entry.name == name and entry.pids == [pid]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        started = time.monotonic()
+        survivors = kill_and_wait([stuck], timeout_s=1.0)
+        assert 1.0 <= time.monotonic() - started < 10
+        assert survivors == [f"{name} (process {pid} on node {entry.node_id[:12]})"]
+        assert actors_named(ray_local, {name}) == {name: "DEAD"}
+        assert kill_and_wait([stuck], timeout_s=120) == [] and running([pid]) == []
+    finally:
+        if running([pid]):
+            os.kill(pid, signal.SIGKILL)
+
+
 def test_engine_restart_limit_ends_the_run(ray_local, tiny_checkpoint, synth_dir, tmp_path) -> None:
     out = tmp_path / "run"
     config = tiny_config(
@@ -231,6 +295,63 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one(ray_local, tiny_ch
     assert [s for s, _ in list_checkpoints(out)] == [2, 6]  # step 4 failed, 2 kept, 6 written
     rows = read_metrics(out / "metrics.jsonl")
     assert rows[-1]["faults/checkpoint_failures"] == 1
+
+
+def test_a_write_failing_on_one_rank_fails_the_save_on_every_rank(ray_local, tiny_checkpoint, tmp_path) -> None:
+    """Two ZeRO-3 ranks (gloo). First save: rank 0's write fails before the weight gathers that
+    rank 1 is already in; second save: rank 1's own file of DeepSpeed's train state fails, after
+    rank 0 wrote its files and before DeepSpeed's closing barrier. Each time every rank raises
+    the same error at once (a rank left behind in a collective would wait the collective timeout)
+    and the group goes on: the third save is whole, and loads."""
+    from test_learner_group_cpu import settings
+
+    from learner.checkpoint_io import CheckpointWriteFailed
+    from learner.group import LearnerGroup
+
+    # rank 1 writes one file per save (its ZeRO partition), so its 1st write is in the 2nd save:
+    # the failed 1st save stopped before any train-state file
+    failing = {"env_vars": {"ECHOINK_FAILPOINTS": "learner.write.rank0@1=enospc,learner.write.rank1@1=enospc"}}
+    s = settings(tiny_checkpoint, num_ranks=2, zero_stage=3, gradient_checkpointing=False, collective_timeout_s=300)
+    group = LearnerGroup(s, [{"num_cpus": 1, "runtime_env": failing}] * 2)
+    try:
+        for n, (rank, part) in enumerate([(0, "the model folder"), (1, "the train state")], start=1):
+            started = time.monotonic()
+            with pytest.raises(CheckpointWriteFailed) as failed:
+                group.save(str(tmp_path / f"save-{n}"))
+            assert time.monotonic() - started < 60, "a rank waited in a collective that the other had left"
+            message = str(failed.value)
+            assert f"writing {part}" in message and f"failed on learner rank {rank} " in message, message
+            assert "No space left on device" in message and list(failed.value.failures) == [rank]
+        group.save(str(tmp_path / "save-3"), {"step": 3})
+        from transformers import Qwen2_5OmniThinkerForConditionalGeneration
+
+        Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(tmp_path / "save-3"))
+        assert group.load_train_state(str(tmp_path / "save-3"))["step"] == 3
+    finally:
+        group.kill()
+
+
+def test_a_write_failing_on_rank_1_skips_that_checkpoint_and_the_run_goes_on(
+    ray_local, tiny_checkpoint, synth_dir, tmp_path, monkeypatch
+) -> None:
+    """Rank 1's own file of step 4's checkpoint fails (a full disk, as rank 1 sees it) while rank 0
+    has written its files: every rank skips that checkpoint, the run keeps step 2's, counts the
+    failure, goes on and finishes. Bounded well below the collective timeout: a rank left waiting
+    in DeepSpeed's barrier would hang the run for that long."""
+    monkeypatch.setenv("ECHOINK_FAILPOINTS", "learner.write.rank1@2=enospc")  # rank 1: one file per save
+    out = tmp_path / "run"
+    config = tiny_config(tiny_checkpoint, synth_dir, out, "total_steps=6", "checkpoint.every=2",
+                         "faults.collective_timeout_s=1200")
+    thread, box = run_in_thread(config)
+    thread.join(timeout=900)
+    assert not thread.is_alive(), "the run hung after a failed checkpoint"
+    assert "error" not in box, box.get("error")
+    assert box["summary"]["finished"]
+    assert [s for s, _ in list_checkpoints(out)] == [2, 6]  # step 4 failed, 2 kept, 6 written
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+    rows = read_metrics(out / "metrics.jsonl")
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+    assert [r["faults/checkpoint_failures"] for r in rows] == [0, 0, 0, 0, 1, 1]
 
 
 def test_broken_records_are_skipped_counted_and_listed(ray_local, tiny_checkpoint, synth_dir, tmp_path) -> None:

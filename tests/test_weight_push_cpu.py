@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
+import pytest
 from test_learner_group_cpu import settings
 
 from avqa import load_records
@@ -57,3 +59,36 @@ def test_pushed_weights_equal_the_saved_checkpoint(ray_local, tiny_checkpoint, t
         ray_local.kill(pushed)
         if fresh is not None:
             ray_local.kill(fresh)
+
+
+def sync_census(ray, actor) -> dict[str, int]:
+    """The sync groups of an actor's process (a learner rank, or an engine: vLLM runs in it)."""
+
+    def read(_self) -> dict[str, int]:
+        from omni.weightsync import census
+
+        return census()
+
+    return ray.get(actor.__ray_call__.remote(read))
+
+
+def test_a_rebuilt_sync_group_closes_the_old_one_first(ray_local, tiny_checkpoint) -> None:
+    """An engine restart rebuilds the group with every engine (`WeightSync.connect`): learner rank
+    0 and each engine that survived close their old group before they make the new one, so none
+    holds two communicators, even for a moment, and the old group's rendezvous port is shut."""
+    learner = LearnerGroup(settings(tiny_checkpoint), [{"num_cpus": 1}])
+    survivor = engine(ray_local, tiny_checkpoint, 0)
+    try:
+        sync = WeightSync(learner, EnginePool([survivor]), backend="gloo", bucket_bytes=1 << 20, timeout_s=60)
+        assert sync.push().tensors > 0
+        old = sync.info
+        sync.connect()  # what the trainer does after it replaced a dead engine
+        assert sync.info.port != old.port
+        assert sync.push().version == 2  # the new group carries the weights
+        for member in (learner.workers[0], survivor):
+            assert sync_census(ray_local, member) == {"open": 1, "made": 2, "closed": 1, "most_open": 1}
+        with pytest.raises(ConnectionRefusedError):  # rank 0 served the old group's store
+            socket.create_connection((old.host, old.port), timeout=5).close()
+    finally:
+        learner.kill()
+        ray_local.kill(survivor)
