@@ -75,6 +75,7 @@ def main() -> None:
         media_token_ids,
         prepare_prompt,
     )
+    from omni.sampling import suppression_bias
     from rollout.engine import completion_from_vllm, llm_kwargs, sampling_params
     from rollout.types import EngineSettings, SamplingSettings
 
@@ -86,8 +87,9 @@ def main() -> None:
                               memory_share=0.6, seed=0)
     llm = vllm.LLM(**llm_kwargs(settings, is_cpu=cpu))
     processor = load_processor(folder)
-    bias = {t: -100.0 for t in media_token_ids(processor.tokenizer)}
+    bias = suppression_bias(media_token_ids(processor.tokenizer))  # as the engines do
     sampling = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=args.tokens, ignore_eos=True)
+    distribution = sampling.distribution(media_token_ids(processor.tokenizer))  # what vLLM's log-probs are of
     prompts = {t: [prepare_prompt(r, processor, media=media) for r in rs] for t, rs in by_type.items()}
 
     def run(kind: str) -> tuple[float, list]:
@@ -120,8 +122,10 @@ def main() -> None:
         completions = [completion_from_vllm(c) for c in first.outputs[:2]]
         batch = collate([features] * len(completions), [c.token_ids for c in completions], pad_id=tok.pad_token_id,
                         eos_ids=[tok.convert_tokens_to_ids("<|im_end|>")])
+        compared: list[torch.Tensor] = []
         with torch.no_grad():
-            learner = completion_logprobs(model, batch.to(device, float_dtype=dtype)).float().cpu()
+            completion_logprobs(model, batch.to(device, float_dtype=dtype), distribution=distribution, sampling=compared)
+        learner = compared[0].float().cpu()
         gaps = [float((learner[i] - torch.tensor(c.logprobs)).abs().max()) for i, c in enumerate(completions)]
         gap = math.nan if any(math.isnan(g) for g in gaps) else max(gaps)  # max() alone can hide a NaN
         if not same_ids:

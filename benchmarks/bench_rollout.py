@@ -27,11 +27,12 @@ class BareVLLM:
         from vllm.platforms import current_platform
 
         from omni.inputs import load_processor, media_token_ids, prepare_prompt
+        from omni.sampling import suppression_bias
         from rollout.engine import llm_kwargs
 
         self.llm = vllm.LLM(**llm_kwargs(settings, is_cpu=current_platform.is_cpu()))
         processor = load_processor(settings.model_path)
-        self.bias = {t: -100.0 for t in media_token_ids(processor.tokenizer)}
+        self.bias = suppression_bias(media_token_ids(processor.tokenizer))  # as the engines do
         self.inputs = [prepare_prompt(r, processor, media=settings.media).vllm_input() for r in records]
 
     def run(self, sampling, n: int) -> tuple[float, int]:

@@ -75,7 +75,8 @@ def rollout_weights(
     logp: torch.Tensor, sampled: SamplerLogprobs, mask: torch.Tensor, correction: str, s: LearnerSettings
 ) -> torch.Tensor | None:
     """Per-token weights of the policy term that correct for sampling with vLLM's probabilities μ
-    instead of the learner's π (a one-step-off sampler, or the two engines' numerical gap):
+    instead of the learner's π (a one-step-off sampler, or the two engines' numerical gap); ``logp``
+    is log π of the same distribution as μ (``omni.sampling``: temperature, top-k, top-p):
 
     - tis: min(π/μ, C), truncated importance sampling (Ionides 2008; Yao et al. 2025, "Your
       efficient RL framework secretly brings you off-policy RL training"), C = ``is_clip``;
@@ -108,11 +109,17 @@ def rollout_weights(
 
 
 def mismatch_parts(
-    logp: torch.Tensor, sampled: SamplerLogprobs, mask: torch.Tensor, is_weights: torch.Tensor | None
+    logp: torch.Tensor,
+    sampled: SamplerLogprobs,
+    mask: torch.Tensor,
+    is_weights: torch.Tensor | None,
+    outside: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """One micro-batch's sums for the ``mismatch/*`` and ``rollout_correction/*`` metrics (and
     the helper counts they are divided by, see ``learner.group.combine``), over the trained tokens
-    that have a sampler log-prob; ``logp`` is the learner's, detached."""
+    that have a sampler log-prob; ``logp`` is the learner's, detached, of the same distribution as
+    the sampler's (``omni.sampling``: temperature, top-k, top-p). ``outside`` marks the tokens that
+    the learner's top-k / top-p masks (counted as ``mismatch/outside_support``)."""
     zero = torch.zeros_like(logp)
     prob_gap = torch.where(sampled.known, (torch.exp(logp) - torch.exp(sampled.logprobs)).abs(), zero)
     logp_gap = torch.where(sampled.known, (logp - sampled.logprobs).abs(), zero)
@@ -127,6 +134,8 @@ def mismatch_parts(
         "rollout_correction/kl": float(torch.where(sampled.known, log_r.exp() - 1 - log_r, zero).sum()),
         "rollout_correction/log_ppl_diff": float(-log_r.sum()),
     }
+    if outside is not None:
+        parts["mismatch/outside_support"] = float((outside & sampled.known).sum())
     if is_weights is not None:
         w = torch.where(mask > 0, is_weights, zero)
         parts["rollout_correction/masked_share"] = float(((w == 0) & (mask > 0)).sum())

@@ -147,8 +147,12 @@ class LearnerGroup:
         parts = gather([w.train_step.remote(s, norm) for w, s in zip(self.workers, shards, strict=True)], "a train step")
         return combine(parts)
 
-    def compute_logprobs(self, experiences: Sequence[Experience], reference: bool = False) -> list[list[float]]:
-        """Per-token log-probs of each completion (through its end-of-turn token), in input order.
+    def compute_logprobs(
+        self, experiences: Sequence[Experience], reference: bool = False, sampling: bool = False
+    ) -> list[list[float]]:
+        """Per-token log-probs of each completion (through its end-of-turn token), in input order:
+        the tempered distribution's (the loss's), or with ``sampling`` the sampling distribution's
+        (what an engine with these weights reports).
 
         Every rank takes part: under ZeRO-3 a forward gathers each layer's parameters from all
         ranks, so a forward on one rank alone would wait for the others until the collective
@@ -161,7 +165,7 @@ class LearnerGroup:
         order = shard_indices(experiences, len(self.workers), keep_prompts=keep)
         shards = padded(experiences, order)
         parts = gather(
-            [w.compute_logprobs.remote(s, reference) for w, s in zip(self.workers, shards, strict=True)],
+            [w.compute_logprobs.remote(s, reference, sampling) for w, s in zip(self.workers, shards, strict=True)],
             "computing log-probs",
         )
         out: list[list[float] | None] = [None] * len(experiences)

@@ -68,7 +68,11 @@ class LearnerSettings:
     is_clip: float = 2.0
     correction_low: float = 0.5
     correction_high: float = 2.0
+    # the rollout's sampling (config.sampling): the learner's log-probs are those of the same
+    # distribution (omni.sampling.SamplingDistribution; the loss uses its tempered part)
     temperature: float = 1.0
+    top_k: int = -1
+    top_p: float = 0.95
     max_new_tokens: int = 768
     logprob_chunk: int = 1024
     seed: int = 0

@@ -61,6 +61,7 @@ from omni.names import (
     without_tied_head,
 )
 from omni.quiet import quiet_default_talker_warnings
+from omni.sampling import SamplingDistribution
 from omni.weightsync import (
     BucketSpec,
     GroupInfo,
@@ -151,6 +152,8 @@ class LearnerWorker:
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.eos_ids = sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id} - {None})
         self.media_ids = media_token_ids(tokenizer)
+        # the engines' sampling distribution, media placeholders suppressed as they are there
+        self.distribution = SamplingDistribution(s.temperature, s.top_k, s.top_p, suppressed=tuple(self.media_ids))
         self.named_params = dict(self.engine.module.named_parameters())
         import ray
 
@@ -198,17 +201,27 @@ class LearnerWorker:
         return batch
 
     def _logprobs(
-        self, model: Any, batch: ModelBatch, entropy: list[torch.Tensor] | None = None, entropy_grad: bool = False
+        self,
+        model: Any,
+        batch: ModelBatch,
+        entropy: list[torch.Tensor] | None = None,
+        entropy_grad: bool = False,
+        sampling: list[torch.Tensor] | None = None,
+        outside: list[torch.Tensor] | None = None,
     ) -> torch.Tensor:
+        """The tempered log-probs (the loss's); with ``sampling`` / ``outside`` also those of the
+        whole sampling distribution (omni.forward.completion_logprobs)."""
         module = getattr(model, "module", model)
         return completion_logprobs(
             model,
             batch,
             lm_head=module.lm_head,
-            temperature=self.settings.temperature,
+            distribution=self.distribution,
             chunk=self.settings.logprob_chunk,
             entropy=entropy,
             entropy_grad=entropy_grad,
+            sampling=sampling,
+            outside=outside,
         )
 
     # ------------------------------------------------------------------ training
@@ -240,21 +253,46 @@ class LearnerWorker:
             real = torch.tensor([1.0 if e.in_loss else 0.0 for e in micro], device=self.device)
             mask = batch.completion_mask * real.unsqueeze(1)
             advantages = torch.tensor([e.advantage for e in micro], device=self.device, dtype=torch.float32)
+            sampled = sampler_logprobs([e.sampler_logprobs for e in micro], mask)
+            # Two views of one distribution (omni.sampling). The loss — the policy gradient, the KL
+            # to the reference, the ratio between passes — uses the *tempered* log-probs (the
+            # temperature alone, full vocabulary), as verl and TRL do and as the reference run did
+            # (its loss took the whole softmax while it sampled with top-k 50, top-p 0.95):
+            # a truncated log-prob has no value for a token outside the kept set, which rounding
+            # at the boundary (bf16 on GPUs) or the reference model's own kept set would hit, and
+            # its gradient ignores the tail. What is compared with vLLM's log-probs — the mismatch
+            # metrics, the importance weights, the off-policy ratio — uses the *sampling*
+            # distribution (the media bias, top-k and top-p too), which is what vLLM reports
+            # (rollout.engine: processed log-probs): both sides of every such ratio are then the
+            # same distribution.
             entropy: list[torch.Tensor] = []
-            logp = self._logprobs(self.engine, batch, entropy, entropy_grad=s.entropy_coef > 0)
+            truncated: list[torch.Tensor] = []
+            outside: list[torch.Tensor] = []
+            compare = sampled is not None  # nothing to compare without sampler log-probs
+            logp = self._logprobs(
+                self.engine,
+                batch,
+                entropy,
+                entropy_grad=s.entropy_coef > 0,
+                sampling=truncated if compare else None,
+                outside=outside if compare else None,
+            )
             ref_logp = None
             if self.reference is not None:
                 with torch.no_grad():
                     ref_logp = self._logprobs(self.reference, batch)
-            sampled = sampler_logprobs([e.sampler_logprobs for e in micro], mask)
             old_logp = logp.detach()
             if micro[0].old_logprobs is not None:  # a later pass over the batch: the first pass's policy
                 old_logp = _rows(torch.zeros_like(logp), [e.old_logprobs for e in micro])
             if s.off_policy and sampled is not None and s.clip_eps is not None:
-                # PPO's clip against the behaviour policy, which sampled a step ago. A token without
-                # a sampler log-prob is treated as on-policy (ratio 1); see rollout_weights
-                old_logp = torch.where(sampled.known, sampled.logprobs, old_logp)
-            is_weights = rollout_weights(logp.detach(), sampled, mask, correction, s) if sampled is not None else None
+                # PPO's clip against the behaviour policy, which sampled a step ago: the ratio's
+                # value is π/μ of the sampling distribution on both sides (log π_samp − log μ),
+                # its gradient that of the tempered log π, as on policy (log π − log π_samp, the
+                # learner's gap between its two views, is moved onto μ). A token
+                # without a sampler log-prob is treated as on-policy (ratio 1); see rollout_weights
+                behaviour = sampled.logprobs + (logp.detach() - truncated[0])
+                old_logp = torch.where(sampled.known, behaviour, old_logp)
+            is_weights = rollout_weights(truncated[0], sampled, mask, correction, s) if sampled is not None else None
             loss, metrics = policy_loss(
                 logp,
                 old_logp,
@@ -293,7 +331,7 @@ class LearnerWorker:
                 ratio_max = max(ratio_max, metrics["ratio/max"])
                 ratio_min = min(ratio_min, metrics["ratio/min"])
             if sampled is not None:
-                for name, value in mismatch_parts(logp.detach(), sampled, mask, is_weights).items():
+                for name, value in mismatch_parts(truncated[0], sampled, mask, is_weights, outside[0]).items():
                     parts[name] += value
         skipped_before = self.engine.skipped_steps
         self.engine.step()  # DeepSpeed skips the update (and clears the gradients) on a non-finite norm
@@ -312,8 +350,12 @@ class LearnerWorker:
         return dict(parts)
 
     @torch.no_grad()
-    def compute_logprobs(self, experiences: Sequence[Experience], reference: bool = False) -> list[list[float]]:
-        """Per-token log-probs of each completion (through the end-of-turn token)."""
+    def compute_logprobs(
+        self, experiences: Sequence[Experience], reference: bool = False, sampling: bool = False
+    ) -> list[list[float]]:
+        """Per-token log-probs of each completion (through the end-of-turn token): the tempered
+        distribution's (the loss's), or with ``sampling`` the sampling distribution's (what an
+        engine with these weights reports, omni.sampling)."""
         model = self.reference if reference else self.engine
         if model is None:
             raise ValueError("no reference model (beta is 0)")
@@ -324,7 +366,9 @@ class LearnerWorker:
         try:
             for start in range(0, len(experiences), self.settings.micro_batch_size):
                 batch = self._batch(experiences[start : start + self.settings.micro_batch_size], cache)
-                logp = self._logprobs(model, batch)
+                truncated: list[torch.Tensor] = []
+                logp = self._logprobs(model, batch, sampling=truncated if sampling else None)
+                logp = truncated[0] if sampling else logp
                 for row in range(logp.shape[0]):
                     n = int(batch.completion_mask[row].sum())
                     out.append(logp[row, :n].float().cpu().tolist())

@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache
 
 from omni.inputs import ModelBatch
+from omni.sampling import SamplingDistribution, sampling_token_logprobs, tempered_logits
 
 
 def unused_tower_term(thinker: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -73,19 +74,28 @@ def completion_logprobs(
     batch: ModelBatch,
     *,
     lm_head: torch.nn.Module | None = None,
-    temperature: float = 1.0,
+    distribution: SamplingDistribution | None = None,
     chunk: int = 1024,
     entropy: list[torch.Tensor] | None = None,
     entropy_grad: bool = False,
+    sampling: list[torch.Tensor] | None = None,
+    outside: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """log π(token) for every completion position, [B, C] float32 (0 where masked out).
+    """log π(token) for every completion position, [B, C] float32 (0 where masked out), under the
+    *tempered* ``distribution`` (its temperature alone, over the whole vocabulary; default: the
+    model's own softmax), with gradients: the loss's log-probs (``learner/worker.py`` says why).
 
     ``model`` is the thinker or a wrapper that calls it (a DeepSpeed engine); ``lm_head`` is the
-    thinker's output layer, by default ``model.lm_head``. With ``entropy`` (a list), the policy's
-    entropy at every completion position is appended to it as one [B, C] tensor (masked like the
-    log-probs), computed ``ENTROPY_CHUNK`` positions at a time so that no [B, C, V] probability
-    tensor is kept; with ``entropy_grad`` it carries gradients (an entropy bonus).
+    thinker's output layer, by default ``model.lm_head``. With ``entropy`` (a list), the tempered
+    policy's entropy at every completion position is appended to it as one [B, C] tensor (masked
+    like the log-probs), computed ``ENTROPY_CHUNK`` positions at a time so that no [B, C, V]
+    probability tensor is kept; with ``entropy_grad`` it carries gradients (an entropy bonus).
+    With ``sampling`` (a list), the log-probs under the whole sampling distribution (the media
+    bias, top-k and top-p too: what vLLM reports, ``omni.sampling``) are appended as one detached
+    [B, C] tensor, and with ``outside`` the [B, C] bool tensor of the tokens that the learner's own
+    truncation masks. All come from the same tempered logits, ``chunk`` positions at a time.
     """
+    dist = distribution if distribution is not None else SamplingDistribution()
     c = batch.completion_len
     head = lm_head if lm_head is not None else model.lm_head
     if batch.prompt_rows is not None:
@@ -94,19 +104,24 @@ def completion_logprobs(
         with keep_last_positions(head, c + 1):
             logits = model(**batch.inputs, use_cache=False).logits  # [B, C + 1, V]
         logits = logits[:, :-1, :]  # position t predicts completion token t
-    out, entropies = [], []
+    out, entropies, sampled, masked = [], [], [], []
     for start in range(0, c, chunk):
-        part = logits[:, start : start + chunk, :].float()
-        if temperature != 1.0:
-            part = part / temperature
-        targets = batch.completion_ids[:, start : start + chunk].unsqueeze(-1)
-        token_logits = part.gather(-1, targets).squeeze(-1)
+        part = tempered_logits(logits[:, start : start + chunk, :], dist)  # float32 [B, chunk, V]
+        targets = batch.completion_ids[:, start : start + chunk]
+        token_logits = part.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
         out.append(token_logits - torch.logsumexp(part, dim=-1))
         if entropy is not None:
             entropies.append(_entropy(part, entropy_grad))
+        if sampling is not None:
+            sampled.append(sampling_token_logprobs(part, targets, dist, masked if outside is not None else None))
+    mask = batch.completion_mask
     if entropy is not None:
-        entropy.append(torch.cat(entropies, dim=1) * batch.completion_mask)
-    return torch.cat(out, dim=1) * batch.completion_mask
+        entropy.append(torch.cat(entropies, dim=1) * mask)
+    if sampling is not None:
+        sampling.append(torch.cat(sampled, dim=1) * mask)
+        if outside is not None:
+            outside.append(torch.cat(masked, dim=1) & (mask > 0))
+    return torch.cat(out, dim=1) * mask
 
 
 ENTROPY_CHUNK = 128  # positions per softmax: B × 128 × V floats at a time

@@ -69,7 +69,8 @@ _TABLE = (
     Metric("learner/step_skipped", "1 if the optimizer step was skipped (non-finite gradient norm)", "learner", "max"),
     Metric(
         "mismatch/token_prob_error",
-        "mean |p_learner − p_vLLM| of the sampled tokens (tokens with a sampler log-prob)",
+        "mean |p_learner − p_vLLM| of the sampled tokens (tokens with a sampler log-prob), both under the "
+        "sampling distribution (temperature, top-k, top-p)",
         "learner",
         "per_sampled_token",
     ),
@@ -83,6 +84,13 @@ _TABLE = (
         "mismatch/missing_logprobs",
         "sampled tokens that came back from vLLM without a finite log-prob (left out of the mismatch "
         "metrics and the importance weights)",
+        "learner",
+        "sum",
+    ),
+    Metric(
+        "mismatch/outside_support",
+        "sampled tokens that the learner's own top-k / top-p would have masked (rounding at the boundary, or a "
+        "policy one step on); scored in the kept set with that token added",
         "learner",
         "sum",
     ),

@@ -155,11 +155,33 @@ class GRPOConfig(Section):
         return self
 
 
+# the least temperature training samples at: omni.sampling.MIN_TEMPERATURE (vLLM's floor), written
+# here too because loading a config imports no torch (tests/test_sampling_cpu.py holds them equal)
+MIN_TEMPERATURE = 1e-2
+
+
 class SamplingConfig(Section):
-    temperature: float = Field(1.0, ge=0.0)
+    """The rollout's sampling distribution; the learner's log-probs compared with vLLM's are of the
+    same one (omni.sampling.SamplingDistribution: temperature, then top-k, then top-p)."""
+
+    temperature: float = Field(1.0, description="at least 0.01 (0, greedy, has no log-probs to learn from)")
     top_p: float = Field(0.95, gt=0.0, le=1.0)
-    top_k: int = -1
+    top_k: int = Field(-1, ge=-1, description="-1 or 0: off")
     max_new_tokens: int = Field(768, ge=1)
+
+    @field_validator("temperature")
+    @classmethod
+    def _samples(cls, value: float) -> float:
+        # Checked here, before anything starts: at 0 the learner's log-probs are logits / 0, so every
+        # step is non-finite and skipped, and the run stops blaming the learning rate. Below 0.01
+        # vLLM samples at 0.01 (and warns) while the learner would divide by the value given.
+        if value < MIN_TEMPERATURE:
+            raise ValueError(
+                f"sampling.temperature {value:g}: training samples from a distribution and learns from its "
+                f"log-probs, so it needs a temperature of at least {MIN_TEMPERATURE:g} (0 is greedy decoding). "
+                "For greedy evaluation set eval.mode: greedy, which decodes on its own"
+            )
+        return value
 
 
 class RolloutConfig(Section):

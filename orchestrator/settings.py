@@ -132,7 +132,10 @@ def learner_settings(
         is_clip=g.is_clip,
         correction_low=g.correction_low,
         correction_high=g.correction_high,
+        # the engines' distribution (sampling_settings): the learner compares vLLM's log-probs with its own of it
         temperature=config.sampling.temperature,
+        top_k=config.sampling.top_k,
+        top_p=config.sampling.top_p,
         max_new_tokens=config.sampling.max_new_tokens,
         logprob_chunk=lc.logprob_chunk,
         seed=config.seed,

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from omni.inputs import MediaSettings
+from omni.sampling import SamplingDistribution
 
 
 @dataclass
@@ -41,6 +43,12 @@ class SamplingSettings:
     max_new_tokens: int = 768
     seed: int | None = None  # per-request seeds are derived from it and the question
     ignore_eos: bool = False  # benchmarks: every completion runs to the token limit
+
+    def distribution(self, suppressed: Iterable[int] = ()) -> SamplingDistribution:
+        """What an engine samples from with these settings (its log-probs are of it), ``suppressed``
+        the tokens it biases away (the media placeholders): the learner's side of a comparison.
+        Greedy decoding (temperature 0) is no distribution and raises."""
+        return SamplingDistribution(self.temperature, self.top_k, self.top_p, tuple(suppressed))
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,9 @@ from omni.metric_table import LEARNER_METRICS
 # what a CPU step without sampler log-probs reports: every learner metric of the table but the
 # mismatch ones (nothing to compare with) and GPU memory
 ROLLOUT_CORRECTION = {m.name for m in LEARNER_METRICS if m.name.startswith("rollout_correction/")}
+MISMATCH = {m.name for m in LEARNER_METRICS if m.name.startswith("mismatch/")}
 # without sampler log-probs: no mismatch and no rollout correction; no GPU: no memory
-CPU_ON_POLICY = {m.name for m in LEARNER_METRICS} - ROLLOUT_CORRECTION - {
-    "mismatch/token_prob_error", "mismatch/logprob_abs_error", "mismatch/missing_logprobs", "memory/learner_peak_gb"
-}
+CPU_ON_POLICY = {m.name for m in LEARNER_METRICS} - ROLLOUT_CORRECTION - MISMATCH - {"memory/learner_peak_gb"}
 
 END = 1634  # <|im_end|> in the tiny tokenizer (checked in the fixture)
 COMPLETIONS = [
@@ -241,11 +240,13 @@ def test_missing_sampler_logprobs_are_counted_and_never_read_as_zero(ray_local, 
     """Sampler log-probs equal to the policy's, then the same batch with holes (a NaN, a -inf, a
     list three entries short): the holes are counted, left out of the mismatch metrics, and get
     importance weight 1, so the step is the one with complete log-probs. Read as log μ = 0 they
-    would give a mismatch of |log π| and weights π < 1."""
-    g = group(ray_local, settings(tiny_checkpoint, off_policy=True, lr=0.0, micro_batch_size=4))
+    would give a mismatch of |log π| and weights π < 1. The policy's own log-probs of the sampling
+    distribution stand for vLLM's; no top-p, as the completions are written by hand and some of
+    their tokens lie outside the random model's top-p set (mismatch/outside_support)."""
+    g = group(ray_local, settings(tiny_checkpoint, off_policy=True, lr=0.0, micro_batch_size=4, top_p=1.0))
     try:
         batch = experiences[:4] + experiences[5:6]  # the last has tokens after its end-of-turn
-        policy = g.compute_logprobs(batch)
+        policy = g.compute_logprobs(batch, sampling=True)
         full = [Experience(e.record, e.completion_ids, e.advantage, lp) for e, lp in zip(batch, policy, strict=True)]
         holes = [list(lp) for lp in policy]
         holes[0][2] = math.nan
@@ -257,15 +258,52 @@ def test_missing_sampler_logprobs_are_counted_and_never_read_as_zero(ray_local, 
         with_holes = g.train_step(gappy)
     finally:
         g.kill()
-    assert set(complete) == set(with_holes) == CPU_ON_POLICY | ROLLOUT_CORRECTION | {
-        "mismatch/token_prob_error", "mismatch/logprob_abs_error", "mismatch/missing_logprobs"
-    }
-    assert complete["mismatch/missing_logprobs"] == 0.0
+    assert set(complete) == set(with_holes) == CPU_ON_POLICY | ROLLOUT_CORRECTION | MISMATCH
+    assert complete["mismatch/missing_logprobs"] == complete["mismatch/outside_support"] == 0.0
     assert with_holes["mismatch/missing_logprobs"] == 5.0
     for m in (complete, with_holes):
         assert m["mismatch/logprob_abs_error"] < 1e-5 and m["mismatch/token_prob_error"] < 1e-6
     assert with_holes["loss"] == pytest.approx(complete["loss"], rel=1e-5, abs=1e-7)
     assert with_holes["grad_norm"] == pytest.approx(complete["grad_norm"], rel=1e-5)
+
+
+def test_a_step_on_what_vllm_sampled_compares_one_distribution(ray_local, tiny_checkpoint, train_json) -> None:
+    """vLLM samples at temperature 0.7 with top-k 50 and top-p 0.9 and returns the log-probs of that
+    distribution; a learner with the same sampling settings and lr 0 compares its own of the same
+    distribution with them: mismatch at float noise, no sampled token outside its kept set, the
+    importance weights 1 and the off-policy ratio against the sampler 1 (no token clipped). The
+    learner's tempered log-probs alone (the loss's) would differ from vLLM's by 0.1 to 3."""
+    from rollout.engine import RolloutEngine
+    from rollout.types import EngineSettings, SamplingSettings
+
+    sampling = SamplingSettings(temperature=0.7, top_k=50, top_p=0.9, max_new_tokens=12, seed=1)
+    records = load_records(train_json)[:2]
+    engine = ray_local.remote(RolloutEngine).options(num_cpus=1).remote(
+        EngineSettings(model_path=tiny_checkpoint, max_model_len=1024, enforce_eager=True), 0
+    )
+    try:
+        results = ray_local.get(engine.generate.remote(records, 3, sampling))
+    finally:
+        ray_local.kill(engine)
+    batch = [
+        Experience(record, c.token_ids, advantage, c.logprobs)
+        for record, result in zip(records, results, strict=True)
+        for c, advantage in zip(result.completions, (1.0, -1.0, 0.5), strict=True)
+    ]
+    s = settings(
+        tiny_checkpoint, lr=0.0, micro_batch_size=3, off_policy=True, policy_loss="ppo_clip", clip_eps=(0.2, 0.2),
+        rollout_correction="tis", temperature=0.7, top_k=50, top_p=0.9,
+    )
+    g = group(ray_local, s)
+    try:
+        m = g.train_step(batch)
+    finally:
+        g.kill()
+    assert m["mismatch/missing_logprobs"] == m["mismatch/outside_support"] == 0.0
+    assert m["mismatch/logprob_abs_error"] < 1e-5 and m["mismatch/token_prob_error"] < 1e-5, m
+    assert abs(m["rollout_correction/kl"]) < 1e-8 and m["rollout_correction/ess"] == pytest.approx(1.0, abs=1e-6)
+    assert m["ratio/min"] == pytest.approx(1.0, abs=1e-4) and m["ratio/max"] == pytest.approx(1.0, abs=1e-4)
+    assert m["clip_fraction"] == 0.0
 
 
 def test_combine_follows_the_metric_table() -> None:

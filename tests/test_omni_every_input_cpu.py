@@ -138,8 +138,11 @@ def test_a_mixed_batch_scores_what_vllm_sampled(sampled, learner_side, mixed, sh
     if share:
         assert batch.inputs["input_ids"].shape[0] == len(mixed)  # six prompts of six types, each once
         assert batch.inputs["pixel_values_videos"].shape[0] > 0 and batch.inputs["input_features"].shape[0] == 3
+    # the engine's sampling distribution, its media-placeholder bias included (omni.sampling)
+    sampling: list[torch.Tensor] = []
     with torch.no_grad():
-        learner = completion_logprobs(model, batch)
+        completion_logprobs(model, batch, distribution=SAMPLING.distribution(media_token_ids(tok)), sampling=sampling)
+    learner = sampling[0]
     worst: dict[str, float] = {}
     for row, ref in enumerate(sampler):
         n = int(batch.completion_mask[row].sum())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import shutil
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from omni.inputs import (
     collate,
     encode_prompt,
     load_processor,
+    media_token_ids,
     prepare_prompt,
 )
 from omni.weightsync import GroupInfo, SyncGroup, pack_bucket, plan_buckets, send_buckets
@@ -47,17 +49,31 @@ def engine(ray_local, tiny_checkpoint: Path):
     ray_local.kill(handle)
 
 
-def test_prompt_ids_and_logprobs_match_the_learner_side(ray_local, engine, tiny_checkpoint, records) -> None:
+# the sampling distributions compared: the model's own softmax; the temperature with top-k 50 (the
+# reference preset's top-k), with top-p, with both
+DISTRIBUTIONS = {
+    "T1": SAMPLING,
+    "T0.7-k50": replace(SAMPLING, temperature=0.7, top_k=50),
+    "T0.7-p0.9": replace(SAMPLING, temperature=0.7, top_p=0.9),
+    "T0.7-k50-p0.9": replace(SAMPLING, temperature=0.7, top_k=50, top_p=0.9),
+}
+
+
+@pytest.mark.parametrize("name", list(DISTRIBUTIONS))
+def test_prompt_ids_and_logprobs_match_the_learner_side(ray_local, engine, tiny_checkpoint, records, name: str) -> None:
+    """vLLM's log-prob of each sampled token equals the learner's under the same sampling
+    distribution (omni.sampling: the media bias, the temperature, top-k, top-p), to float32 noise."""
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
+    sampling = DISTRIBUTIONS[name]
     batch_records = records[:3]
-    results = ray_local.get(engine.generate.remote(batch_records, 2, SAMPLING))
+    results = ray_local.get(engine.generate.remote(batch_records, 4, sampling))
     processor = load_processor(tiny_checkpoint)
     model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(tiny_checkpoint), dtype=torch.float32)
     model.eval()
     prompts, completions, vllm_logps = [], [], []
     for record, result in zip(batch_records, results, strict=True):
-        assert result.ok and result.record_id == record.id and len(result.completions) == 2
+        assert result.ok and result.record_id == record.id and len(result.completions) == 4
         features = add_positions(model, encode_prompt(processor, prepare_prompt(record, processor)))
         # image and audio placeholders expanded the same way on both sides, token for token
         assert result.prompt_token_ids == features.input_ids.tolist()
@@ -68,19 +84,37 @@ def test_prompt_ids_and_logprobs_match_the_learner_side(ray_local, engine, tiny_
             vllm_logps.append(completion.logprobs)
     eos = [processor.tokenizer.convert_tokens_to_ids("<|im_end|>")]
     batch = collate(prompts, completions, pad_id=processor.tokenizer.pad_token_id, eos_ids=eos)
+    dist = sampling.distribution(media_token_ids(processor.tokenizer))  # the engine's logit bias too
+    truncated: list[torch.Tensor] = []
+    outside: list[torch.Tensor] = []
     with torch.no_grad():
-        learner = completion_logprobs(model, batch)
-    diffs = []
-    for row, ref in enumerate(vllm_logps):
-        n = int(batch.completion_mask[row].sum())
-        diffs.extend((learner[row, :n] - torch.tensor(ref[:n])).abs().tolist())
+        tempered = completion_logprobs(model, batch, distribution=dist, sampling=truncated, outside=outside)
+
+    def gaps(learner: torch.Tensor) -> list[float]:
+        out = []
+        for row, ref in enumerate(vllm_logps):
+            n = int(batch.completion_mask[row].sum())
+            out.extend((learner[row, :n] - torch.tensor(ref[:n])).abs().tolist())
+        return out
+
+    diffs = gaps(truncated[0])
     # Both sides run the same float32 weights on the CPU; only kernels and summation order differ
     # (vLLM's fused qkv/gate-up and CPU attention vs transformers' sdpa on a left-padded batch).
     # That is rounding: measured here at ~1e-6 at most (float32 eps 1.2e-7 grown through two
     # layers and a 1.7k-way log-softmax). The bound leaves a 100x margin; any real mismatch
-    # (a shifted position, another token, other media) moves log-probs by 0.1 or more.
-    assert max(diffs) < 1e-4, f"max |Δ log p| = {max(diffs):.2e}"
+    # (a shifted position, another token, other media, another temperature or truncation) moves
+    # log-probs by 1e-2 or more: the media bias alone by 7e-3, top-p 0.9 by 0.1, top-k 50 by 2.8
+    # (measured on this checkpoint).
+    assert max(diffs) < 1e-4, f"{name}: max |Δ log p| = {max(diffs):.2e}"
     assert np.mean(diffs) < 1e-5
+    assert not outside[0].any(), "every token vLLM sampled lies in the learner's kept set"
+    # the loss's view (the temperature alone: no bias, no truncation) is another distribution, and
+    # this comparison tells the two apart at every token
+    assert min(gaps(tempered)) > 1e-3, f"{name}: the tempered log-probs match vLLM's"
+    without_bias: list[torch.Tensor] = []
+    with torch.no_grad():
+        completion_logprobs(model, batch, distribution=sampling.distribution(), sampling=without_bias)
+    assert max(gaps(without_bias[0])) > 1e-3, "the media placeholders' bias is part of the distribution"
 
 
 @pytest.mark.parametrize("flat", [False, True])
