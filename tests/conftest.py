@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -47,3 +48,34 @@ def ray_local():
         ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_actor_outlives_its_module():
+    """A test module ends with none of its Ray actors alive: one it leaves behind holds logical
+    CPUs of the shared session cluster, and a later module's actors then wait for them (CI hung
+    so once). The leftovers are killed, so the next module starts clean, and named in an error."""
+    import ray
+
+    before = _live_actors() if ray.is_initialized() else {}
+    yield
+    if not ray.is_initialized():
+        return
+    leaked = {actor_id: words for actor_id, words in _live_actors().items() if actor_id not in before}
+    worker = ray._private.worker.global_worker
+    for actor_id in leaked:  # what ray.kill does, by id (a leaked actor has no handle here)
+        with contextlib.suppress(Exception):  # it may have died meanwhile
+            worker.core_worker.kill_actor(ray.ActorID.from_hex(actor_id), True)
+    if leaked:
+        pytest.fail(f"{len(leaked)} Ray actor(s) still alive after the module: {'; '.join(leaked.values())}")
+
+
+def _live_actors() -> dict[str, str]:
+    """Every actor of the session's Ray that is not DEAD, by id, with its class, name and state."""
+    from ray._private.state import actors
+
+    return {
+        actor_id: f"{row.get('ActorClassName')} {row.get('Name') or actor_id[:12]} ({row.get('State')})"
+        for actor_id, row in actors().items()
+        if row.get("State") != "DEAD"
+    }
