@@ -7,6 +7,7 @@ and its parts (rollout, sleep, wake, weight transfer, learn), GPU memory per pha
 transfer against a bare device-to-device copy of the same bytes in the same run (ratio last).
 
     python benchmarks/bench_colocated.py --layout 3b --steps 6
+    python benchmarks/bench_colocated.py --layout 7b --config configs/omni7b_lora_1gpu.yaml --tag lora64
     python benchmarks/bench_colocated.py --cpu        # checks the script on CPUs (not a number)
 """
 
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--set", action="append", default=[], help="more config overrides (key=value)")
     parser.add_argument("--cpu", action="store_true", help="check the script on CPUs (not a number)")
+    parser.add_argument("--tag", default="", help="appended to the record's name (e.g. lora64_80gb)")
     args = parser.parse_args()
 
     from orchestrator.config import load_config
@@ -75,7 +77,8 @@ def main() -> None:
     questions = 2 if args.cpu else 8
     data = common.data_folder(questions * args.steps, image_size=112 if args.cpu else 448,
                               audio_seconds=1 if args.cpu else 10)
-    out = common.WORK / f"colocated-{args.layout}"
+    name = f"colocated_{args.layout}" + (f"_{args.tag}" if args.tag else "")
+    out = common.WORK / name.replace("_", "-")
     shutil.rmtree(out, ignore_errors=True)
     overrides = [
         f"model_path={folder}", f"output_dir={out}", f"data.train={data / 'train' / 'omni_rl_format_train.json'}",
@@ -113,7 +116,7 @@ def main() -> None:
         ("loss / grad norm (last step)", f"{rows[-1]['loss']:.4g} / {rows[-1]['grad_norm']:.4g}"),
     ]
     ratio = med["timing/weight_sync_s"] / copy_s if copy_s == copy_s and copy_s > 0 else float("nan")
-    common.report(f"colocated_{args.layout}", rows_out, ("weight transfer / bare device copy", ratio),
+    common.report(name, rows_out, ("weight transfer / bare device copy", ratio),
                   {"medians": med, "rows": rows, "bare_copy_s": copy_s, "config": config.model_dump(mode="json")})
 
 

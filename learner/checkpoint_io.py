@@ -96,11 +96,14 @@ def write_weights(
     return paths
 
 
-def save_train_state(engine: Any, folder: Path, client_state: dict[str, Any] | None) -> None:
+def save_train_state(engine: Any, folder: Path, client_state: dict[str, Any] | None, frozen: bool = True) -> None:
     """This rank's part of the resumable state (weights, optimizer, schedule) of DeepSpeed's
-    ``engine`` under ``folder/train_state``, with ``client_state`` (the trainer's counters)."""
+    ``engine`` under ``folder/train_state``, with ``client_state`` (the trainer's counters).
+    Without ``frozen`` the weights that do not train are left out (a LoRA run's base: the
+    starting model, which a resumed run builds again)."""
     engine.save_checkpoint(
-        str(folder / TRAIN_STATE_DIR), tag=TRAIN_STATE_TAG, client_state=client_state or {}, save_latest=False
+        str(folder / TRAIN_STATE_DIR), tag=TRAIN_STATE_TAG, client_state=client_state or {}, save_latest=False,
+        exclude_frozen_parameters=not frozen,
     )
 
 
@@ -184,8 +187,9 @@ def agree(failure: BaseException | None, what: str) -> None:
         )
 
 
-def load_train_state(engine: Any, folder: Path) -> dict[str, Any]:
-    """Restore ``engine`` from what :func:`save_train_state` wrote; returns the client state."""
+def load_train_state(engine: Any, folder: Path, frozen: bool = True) -> dict[str, Any]:
+    """Restore ``engine`` from what :func:`save_train_state` wrote (without ``frozen``: the
+    trainable weights only, the others keep their values); returns the client state."""
     # DeepSpeed unpickles its train state with weights_only=False: load it safely instead
     engine.checkpoint_engine.load = safe_torch_load
     _, client_state = engine.load_checkpoint(
@@ -193,6 +197,7 @@ def load_train_state(engine: Any, folder: Path) -> dict[str, Any]:
         tag=TRAIN_STATE_TAG,
         load_optimizer_states=True,
         load_lr_scheduler_states=True,
+        load_module_strict=frozen,
     )
     return client_state or {}
 

@@ -31,6 +31,29 @@ class Experience:
         return not (self.padding or self.overlong_masked)
 
 
+# the language model's attention and MLP projections (Qwen2 names)
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """Low-rank adapters on the policy (learner.lora); rank 0 is a full fine-tune."""
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: tuple[str, ...] = DEFAULT_LORA_TARGETS  # the last part of a linear layer's name
+    towers: bool = False  # adapters on the audio and vision towers' layers of those names too
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
 @dataclass(frozen=True)
 class LearnerSettings:
     # the run's starting model: the policy's first weights (a resumed run loads its train state over
@@ -82,3 +105,5 @@ class LearnerSettings:
     collective_timeout_s: float = 1800.0  # a rank stuck in a collective fails after this
     release_memory: bool = False  # colocated on a GPU: return cached blocks after each step and push
     train: bool = True  # False: weights only, no optimizer (weight-sync benchmarks)
+    lora: LoraSettings = LoraSettings()
+    max_gpu_memory_gb: float | None = None  # a smaller card's memory on a larger one (benchmarks, plans)

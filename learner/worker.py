@@ -31,6 +31,7 @@ from learner.checkpoint_io import (
 )
 from learner.correction import mismatch_parts, resolve_correction, rollout_weights, sampler_logprobs
 from learner.grpo import LossNorm, aggregate, policy_loss
+from learner.lora import adapters_off, add_adapters, export_weights, merged, write_adapter
 from learner.model import (
     build_engine,
     build_model,
@@ -56,7 +57,6 @@ from omni.inputs import (
 from omni.names import (
     head_is_tied,
     require_safetensors,
-    to_learner_name,
     to_vllm_name,
     without_tied_head,
 )
@@ -129,6 +129,10 @@ class LearnerWorker:
         self.device = torch.device("cuda", 0) if self.cuda else torch.device("cpu")
         if self.cuda:
             torch.cuda.set_device(self.device)
+            if self.settings.max_gpu_memory_gb is not None:  # a smaller card on a larger one
+                total = torch.cuda.get_device_properties(self.device).total_memory
+                share = min(1.0, self.settings.max_gpu_memory_gb * 2**30 / total)
+                torch.cuda.set_per_process_memory_fraction(share, self.device)
         deepspeed.init_distributed(
             dist_backend="nccl" if self.cuda else "gloo",
             auto_mpi_discovery=False,
@@ -141,11 +145,17 @@ class LearnerWorker:
         self.dtype = resolve_dtype(s.dtype, self.cuda)
         config = deepspeed_config(s, dtype=self.dtype, cuda=self.cuda)
         model = build_model(s, config, rank=self.rank, device=self.device, dtype=self.dtype, trainable=True)
+        if s.lora.enabled:  # before the engine: its optimizer gets the adapters only
+            add_adapters(model, s.lora, seed=s.seed)
         self._progress(f"model built ({time.perf_counter() - started:.0f} s)")
         self.engine, self.optimizer, self.scheduler = build_engine(s, model, config)
         self._progress(f"DeepSpeed ZeRO-{s.zero_stage} engine ready ({time.perf_counter() - started:.0f} s)")
+        # the reference for the KL term: a frozen copy of the starting model, or under LoRA the
+        # policy itself with its adapters off (learner.lora) — no second model
         self.reference = (
-            build_reference(s, config, rank=self.rank, device=self.device, dtype=self.dtype) if s.beta > 0 else None
+            build_reference(s, config, rank=self.rank, device=self.device, dtype=self.dtype)
+            if s.beta > 0 and not s.lora.enabled
+            else None
         )
         self.processor = load_processor(s.model_path)
         tokenizer = self.processor.tokenizer
@@ -155,6 +165,9 @@ class LearnerWorker:
         # the engines' sampling distribution, media placeholders suppressed as they are there
         self.distribution = SamplingDistribution(s.temperature, s.top_k, s.top_p, suppressed=tuple(self.media_ids))
         self.named_params = dict(self.engine.module.named_parameters())
+        # what the engines and the model folder get: each weight of the plain thinker under its
+        # vLLM name (under LoRA a target's merged value, computed when sent)
+        self.exported = {to_vllm_name(w.name): w for w in export_weights(self.engine.module)}
         import ray
 
         context = ray.get_runtime_context() if ray.is_initialized() else None
@@ -166,7 +179,7 @@ class LearnerWorker:
             "device": str(self.device),
             "dtype": str(self.dtype),
             "setup_seconds": time.perf_counter() - started,
-            "parameters": sum(_numel(p) for p in self.named_params.values()),
+            "parameters": sum(_numel(w.base) for w in self.exported.values()),  # the plain thinker's
             "trainable": sum(_numel(p) for p in self.named_params.values() if p.requires_grad),
         }
 
@@ -224,6 +237,20 @@ class LearnerWorker:
             outside=outside,
         )
 
+    def _reference_logprobs(self, batch: ModelBatch) -> torch.Tensor:
+        """The reference policy's tempered log-probs, without gradients: the frozen copy, or under
+        LoRA the policy with its adapters off (outside any graph: switching them touches their
+        ``requires_grad``)."""
+        with torch.no_grad():
+            if self.reference is not None:
+                return self._logprobs(self.reference, batch)
+            with adapters_off(self.engine.module):
+                return self._logprobs(self.engine, batch)
+
+    @property
+    def has_reference(self) -> bool:
+        return self.settings.beta > 0
+
     # ------------------------------------------------------------------ training
     def train_step(self, experiences: Sequence[Experience], norm: LossNorm) -> dict[str, float]:
         """Forward/backward over micro-batches of this rank's share, then one optimizer step.
@@ -269,6 +296,8 @@ class LearnerWorker:
             truncated: list[torch.Tensor] = []
             outside: list[torch.Tensor] = []
             compare = sampled is not None  # nothing to compare without sampler log-probs
+            # the reference first: under LoRA it is the policy's own forward with the adapters off
+            ref_logp = self._reference_logprobs(batch) if self.has_reference else None
             logp = self._logprobs(
                 self.engine,
                 batch,
@@ -277,10 +306,6 @@ class LearnerWorker:
                 sampling=truncated if compare else None,
                 outside=outside if compare else None,
             )
-            ref_logp = None
-            if self.reference is not None:
-                with torch.no_grad():
-                    ref_logp = self._logprobs(self.reference, batch)
             old_logp = logp.detach()
             if micro[0].old_logprobs is not None:  # a later pass over the batch: the first pass's policy
                 old_logp = _rows(torch.zeros_like(logp), [e.old_logprobs for e in micro])
@@ -356,8 +381,7 @@ class LearnerWorker:
         """Per-token log-probs of each completion (through the end-of-turn token): the tempered
         distribution's (the loss's), or with ``sampling`` the sampling distribution's (what an
         engine with these weights reports, omni.sampling)."""
-        model = self.reference if reference else self.engine
-        if model is None:
+        if reference and not self.has_reference:
             raise ValueError("no reference model (beta is 0)")
         was_training = self.engine.training
         self.engine.eval()
@@ -367,8 +391,11 @@ class LearnerWorker:
             for start in range(0, len(experiences), self.settings.micro_batch_size):
                 batch = self._batch(experiences[start : start + self.settings.micro_batch_size], cache)
                 truncated: list[torch.Tensor] = []
-                logp = self._logprobs(model, batch, sampling=truncated if sampling else None)
-                logp = truncated[0] if sampling else logp
+                if reference:
+                    logp = self._reference_logprobs(batch)
+                else:
+                    logp = self._logprobs(self.engine, batch, sampling=truncated if sampling else None)
+                    logp = truncated[0] if sampling else logp
                 for row in range(logp.shape[0]):
                     n = int(batch.completion_mask[row].sum())
                     out.append(logp[row, :n].float().cpu().tolist())
@@ -380,12 +407,10 @@ class LearnerWorker:
         return list(self.eos_ids)
 
     # ------------------------------------------------------------------ weights out
-    def _ordered_params(self) -> list[tuple[str, torch.nn.Parameter]]:
-        return list(self.named_params.items())
-
     def weight_specs(self, bucket_bytes: int) -> list[BucketSpec]:
         # a tied head is the embedding matrix: vLLM's shares its storage, so it is not pushed
-        named = without_tied_head(self._ordered_params(), tied=head_is_tied(self.settings.model_path))
+        plain = [(w.name, w.base) for w in self.exported.values()]
+        named = without_tied_head(plain, tied=head_is_tied(self.settings.model_path))
         return plan_buckets(
             ((to_vllm_name(n), _full_shape(p), self.dtype if p.is_floating_point() else p.dtype) for n, p in named),
             bucket_bytes,
@@ -398,11 +423,12 @@ class LearnerWorker:
 
         mine = everyone or self.rank == 0
         for spec in specs:
-            params = [self.named_params[to_learner_name(t.name)] for t in spec.tensors]
+            weights = [self.exported[t.name] for t in spec.tensors]
+            params = [p for w in weights for p in w.params]
             # ZeRO-3 gathers each bucket's parameters from every rank (a collective); ZeRO-2
             # ranks hold them whole already
             with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.settings.zero_stage == 3):
-                yield [p.data.to(self.dtype) if p.is_floating_point() else p.data for p in params] if mine else None
+                yield [merged(w, self.dtype) for w in weights] if mine else None
 
     def init_weight_sync(self, info: GroupInfo) -> bool:
         """Rank 0 joins the sync group as its rank 0 (blocks until every engine worker has joined);
@@ -490,6 +516,8 @@ class LearnerWorker:
         if self.rank == 0:
             try:
                 export_model(Path(self.settings.model_path), dest, named(), on_write=self._write_failpoint)
+                if self.settings.lora.enabled:  # the adapters as peft's folder too (whole on every rank)
+                    write_adapter(self.engine.module, dest)
             except Exception as exc:  # noqa: BLE001 - agreed below, raised on every rank
                 failure = exc
         for _ in gathered:  # the gathers the failed write left (all of them on the other ranks)
@@ -497,7 +525,7 @@ class LearnerWorker:
         agree(failure, f"writing the model folder {dest}")
         if train_state:
             with deferred_write_errors(self.engine, on_write=self._write_failpoint) as failures:
-                save_train_state(self.engine, dest, client_state)
+                save_train_state(self.engine, dest, client_state, frozen=not self.settings.lora.enabled)
             agree(failures[0] if failures else None, f"writing the train state in {dest}")
         return {"rank": self.rank, "folder": str(dest)}
 
@@ -509,7 +537,7 @@ class LearnerWorker:
 
     def load_train_state(self, folder: str) -> dict[str, Any]:
         """Restore the optimizer, schedule and weights that :meth:`save` wrote; returns its client state."""
-        return load_train_state(self.engine, Path(folder))
+        return load_train_state(self.engine, Path(folder), frozen=not self.settings.lora.enabled)
 
     def ping(self) -> int:
         return self.rank

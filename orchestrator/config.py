@@ -197,6 +197,24 @@ class RolloutConfig(Section):
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per engine")
 
 
+def _default_lora_targets() -> list[str]:
+    from learner.types import DEFAULT_LORA_TARGETS  # here: loading a config needs no torch
+
+    return list(DEFAULT_LORA_TARGETS)
+
+
+class LoraConfig(Section):
+    rank: int = Field(0, ge=0, description="LoRA rank; 0 (the default) is a full fine-tune")
+    alpha: float = Field(16.0, gt=0.0, description="the adapters' scale is alpha / rank")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    targets: list[str] = Field(
+        default_factory=_default_lora_targets,
+        description="the last name part of the linear layers that get adapters (default: the language model's "
+        "attention and MLP projections); each must name one",
+    )
+    towers: bool = Field(False, description="adapters on the audio and vision towers' layers of those names too")
+
+
 class LearnerConfig(Section):
     num_ranks: int = Field(1, ge=1)
     zero_stage: Literal[2, 3] = 3
@@ -227,6 +245,27 @@ class LearnerConfig(Section):
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per rank")
     random_init: bool = Field(False, description="random weights from config.json (benchmarks; no checkpoint)")
     logprob_chunk: int = Field(1024, ge=1, description="positions per chunk of the log-softmax")
+    max_gpu_memory_gb: float | None = Field(
+        None,
+        gt=0.0,
+        description="cap each rank's GPU memory (torch's per-process fraction): what the learner would have on a "
+        "smaller card, e.g. 80 on a 141 GB GPU; it fails with CUDA's out-of-memory error where that card would",
+    )
+    lora: LoraConfig = Field(
+        default_factory=LoraConfig,
+        description="low-rank adapters: only they train; the reference is the policy with them switched off; "
+        "the engines and checkpoints get the merged weights",
+    )
+
+    @model_validator(mode="after")
+    def _lora_under_zero2(self) -> LearnerConfig:
+        if self.lora.rank > 0 and self.zero_stage == 3:
+            raise ValueError(
+                "learner.lora needs learner.zero_stage 2: a LoRA run's adapters and their optimizer states are "
+                "small, and its frozen base is held whole on every rank (ZeRO-3 partitioning of a LoRA run is "
+                "not built); set learner.zero_stage=2"
+            )
+        return self
 
 
 class RewardConfig(Section):

@@ -123,6 +123,9 @@ class RunPlan:
                         + ", ".join(f"{m} {n}" for m, n in self.engine.media_per_prompt)),
             ("learner", f"ZeRO-{lr.zero_stage}, {lr.dtype}, micro-batch {lr.micro_batch_size}, lr {lr.lr:g} "
                         f"{lr.lr_schedule}, beta {lr.beta:g}, loss {lr.policy_loss}/{lr.loss_agg}{correction}"
+                        + (f", LoRA rank {lr.lora.rank} alpha {lr.lora.alpha:g} on {', '.join(lr.lora.targets)}"
+                           + (" (towers too)" if lr.lora.towers else "") + ", reference = adapters off"
+                           if lr.lora.enabled else "")
                         + (", shared prompts" if lr.share_prompts else "")
                         + (", gradient checkpointing" if lr.gradient_checkpointing else "")),
             ("rewards", ", ".join(f"{k} × {v:g}" for k, v in self.reward_weights.items())

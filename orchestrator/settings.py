@@ -17,7 +17,7 @@ from typing import Any
 
 import avqa
 from evaluation.evaluate import EvalSettings
-from learner.types import LearnerSettings
+from learner.types import LearnerSettings, LoraSettings
 from omni.inputs import MediaSettings
 from orchestrator.config import RunConfig
 from orchestrator.scoring import ScoringRules
@@ -144,6 +144,9 @@ def learner_settings(
         collective_timeout_s=config.faults.collective_timeout_s,
         random_init=lc.random_init,
         release_memory=release_memory,
+        lora=LoraSettings(rank=lc.lora.rank, alpha=lc.lora.alpha, dropout=lc.lora.dropout,
+                          targets=tuple(lc.lora.targets), towers=lc.lora.towers),
+        max_gpu_memory_gb=lc.max_gpu_memory_gb,
     )
 
 
