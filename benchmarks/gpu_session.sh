@@ -2,7 +2,9 @@
 # One device call's work on a GPU machine (the `device` tool), after the wheel kit was staged:
 #   bash benchmarks/gpu_session.sh install smoke sync rollout      (any stages, in order)
 # Stages: install (kit → /tmp/site), smoke (echoink train, ZeRO-2 then ZeRO-3), sync, rollout,
-# learner7b, learner2b, async, colocated3b, colocated7b, everyinput. Logs and JSON records go to $OUT; a short table is printed last.
+# learner7b, learner2b, async, colocated3b, colocated7b, everyinput, and "what fits" (RESULTS.md
+# section 9): full3b, lora3b, lora7b, lora3b80, lora7b80 (80 GB simulated: the learner capped
+# at 76 GiB, the engine's share scaled to the same bytes as on an 80 GB card). Logs and JSON records go to $OUT; a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/echoink-out} PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
@@ -25,10 +27,10 @@ for stage in "$@"; do
     install)
       run install bash -c 'bash .kit/install.sh && python3 -c "import vllm, ray, deepspeed, transformers, torch; print(\"versions\", vllm.__version__, ray.__version__, deepspeed.__version__, transformers.__version__, torch.__version__, torch.cuda.device_count())"' ;;
     smoke)
-      $PY -m orchestrator.cli model tiny --layout small --out checkpoints/small-omni > "$OUT/smoke-prep.log" 2>&1
-      $PY -m orchestrator.cli data synth --out data/gpu-synth --train 64 --val 16 --image-size 224 --audio-seconds 4 >> "$OUT/smoke-prep.log" 2>&1
-      run smoke-z2 $PY -m orchestrator.cli train --config configs/gpu_smoke.yaml
-      run smoke-z3 $PY -m orchestrator.cli train --config configs/gpu_smoke.yaml --set learner.zero_stage=3 --set output_dir=runs/gpu-smoke-z3
+      $PY -m echoink.cli model tiny --layout small --out checkpoints/small-omni > "$OUT/smoke-prep.log" 2>&1
+      $PY -m echoink.cli data synth --out data/gpu-synth --train 64 --val 16 --image-size 224 --audio-seconds 4 >> "$OUT/smoke-prep.log" 2>&1
+      run smoke-z2 $PY -m echoink.cli train --config configs/gpu_smoke.yaml
+      run smoke-z3 $PY -m echoink.cli train --config configs/gpu_smoke.yaml --set learner.zero_stage=3 --set output_dir=runs/gpu-smoke-z3
       cp runs/gpu-smoke/metrics.jsonl "$OUT/smoke-z2-metrics.jsonl" 2>/dev/null ;;
     sync) run sync $PY benchmarks/bench_weight_sync.py --layout 7b ;;
     rollout) run rollout $PY benchmarks/bench_rollout.py --layout 7b ;;
@@ -38,6 +40,14 @@ for stage in "$@"; do
     colocated3b) run colocated3b $PY benchmarks/bench_colocated.py --layout 3b --steps 4 ;;
     everyinput) run everyinput $PY benchmarks/bench_every_input.py --layout 2b ;;
     colocated7b) run colocated7b $PY benchmarks/bench_colocated.py --layout 7b --config configs/omni7b_1gpu.yaml --steps 4 ;;
+    full3b) run full3b $PY benchmarks/bench_colocated.py --layout 3b --steps 3 --tag full ;;
+    lora3b) run lora3b $PY benchmarks/bench_colocated.py --layout 3b --config configs/omni3b_80gb.yaml --steps 3 \
+        --tag lora64 --set rollout.memory_share=0.35 ;;
+    lora7b) run lora7b $PY benchmarks/bench_colocated.py --layout 7b --config configs/omni7b_1gpu.yaml --steps 3 --tag lora64 ;;
+    lora3b80) run lora3b80 $PY benchmarks/bench_colocated.py --layout 3b --config configs/omni3b_80gb.yaml --steps 3 \
+        --tag lora64_80gb --set learner.max_gpu_memory_gb=76 --set rollout.memory_share=$(awk 'BEGIN{print 0.45*80/139.8}') ;;
+    lora7b80) run lora7b80 $PY benchmarks/bench_colocated.py --layout 7b --config configs/omni7b_lora_80gb.yaml --steps 3 \
+        --tag lora64_80gb --set learner.max_gpu_memory_gb=76 --set rollout.memory_share=$(awk 'BEGIN{print 0.5*80/139.8}') ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   ray stop --force > /dev/null 2>&1
