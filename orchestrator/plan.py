@@ -145,6 +145,12 @@ class RunPlan:
         return "\n".join(lines)
 
 
+def needs_weights(config: RunConfig) -> bool:
+    """Whether the run reads weights from ``model_path`` (False: random weights from its config.json
+    on both sides, the benchmarks' rows)."""
+    return not (config.learner.random_init and config.rollout.load_format == "dummy")
+
+
 def decide_mode(setting: str, cluster: Cluster, engines: int, tp: int, ranks: int) -> tuple[str, str]:
     """The placement mode and why: ``auto`` splits where the cluster's GPUs hold the split layout."""
     if setting != "auto":
@@ -217,7 +223,7 @@ def make_plan(
         run_dir=Path(c.output_dir),
         model_path=Path(c.model_path),
         resume_from=resume_from,
-        needs_weights=not (c.learner.random_init and c.rollout.load_format == "dummy"),
+        needs_weights=needs_weights(c),
         seed=c.seed,
         layout=layout,
         engine=engine_settings(c, sleep_mode=sleeps, records=records),

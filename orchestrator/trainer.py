@@ -28,7 +28,7 @@ from orchestrator.data import RunData, load_run_data
 from orchestrator.gpu_sharing import GpuSharing
 from orchestrator.paths import with_absolute_paths
 from orchestrator.placement import Placement, cluster_gpus, place
-from orchestrator.plan import RunPlan, cluster_of, make_plan, ray_cpus
+from orchestrator.plan import RunPlan, cluster_of, make_plan, needs_weights, ray_cpus
 from orchestrator.ray_connect import connect
 from orchestrator.run_state import COUNTERS, PendingBatch, RunState
 from orchestrator.sampler import QuestionSampler, request_salts
@@ -453,12 +453,12 @@ def prepare(
         for name in ("metrics.jsonl", "questions.jsonl", SAMPLES_FILE):
             ckpt.truncate_jsonl(run_dir / name, 0)
     data = load_run_data(config.data, run_dir, say)
+    if needs_weights(config):
+        require_safetensors(config.model_path)  # before anything starts, Ray included
     where = connect(config.ray.address, config.ray.num_cpus, ray_cpus(config))
     cluster = cluster_of(config.ray.use_gpus, cluster_gpus())
     plan = make_plan(config, cluster, train_size=len(data.train), records=[*data.train, *data.valid],
                      resume_from=resume_from, stop_after=stop_after)
-    if plan.needs_weights:
-        require_safetensors(plan.model_path)  # before anything starts
     say(f"Ray: {where}; {'GPUs' if cluster.use_gpus else 'CPUs only'}; the plan:\n{plan.describe()}")
     return plan, data
 

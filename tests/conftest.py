@@ -39,13 +39,25 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-omni"), seed=0)
 
 
+SESSION_CPUS = 8  # logical CPUs of the session's Ray (ray_local)
+
+
 @pytest.fixture(scope="session")
 def ray_local():
-    """One local Ray for the session, with more logical CPUs than cores (actors mostly wait)."""
+    """One local Ray for the session, with more logical CPUs than cores (actors mostly wait).
+
+    It must be the session's first Ray: a test that starts one of its own in this process before
+    (``echoink train`` in process without this fixture) would leave its smaller cluster to every
+    later test, and an actor that asks for more CPUs than it has waits for ever (CI hung so)."""
     import ray
 
-    if not ray.is_initialized():
-        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    if ray.is_initialized():
+        cpus = ray.cluster_resources().get("CPU", 0)
+        if cpus < SESSION_CPUS:
+            pytest.fail(f"a Ray with {cpus:g} CPUs was started in this process before the ray_local fixture; "
+                        f"the test that started it must ask for ray_local (a cluster of {SESSION_CPUS} CPUs)")
+    else:
+        ray.init(num_cpus=SESSION_CPUS, include_dashboard=False, log_to_driver=False, configure_logging=False)
     yield ray
     ray.shutdown()
 

@@ -186,6 +186,10 @@ def test_pickled_weights_are_refused(tiny_checkpoint, synth_dir, tmp_path) -> No
     shutil.copytree(tiny_checkpoint, folder)
     torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
     (folder / "model.safetensors").unlink()
-    # refused before any actor starts, naming the folder and the pickled file
+    import ray
+
+    started = ray.is_initialized()
+    # refused before anything starts (Ray included), naming the folder and the pickled file
     with pytest.raises(FileNotFoundError, match=r"only safetensors are loaded \(found pickled weights \['pytorch_model.bin'\]"):
         train(tiny_config(folder, synth_dir, tmp_path / "run"), console=False)
+    assert ray.is_initialized() == started
