@@ -7,7 +7,7 @@ and its parts (rollout, sleep, wake, weight transfer, learn), GPU memory per pha
 transfer against a bare device-to-device copy of the same bytes in the same run (ratio last).
 
     python benchmarks/bench_colocated.py --layout 3b --steps 6
-    python benchmarks/bench_colocated.py --layout 7b --config configs/omni7b_lora_1gpu.yaml --tag lora64
+    python benchmarks/bench_colocated.py --layout 7b --config configs/omni7b_1gpu.yaml --tag lora64
     python benchmarks/bench_colocated.py --cpu        # checks the script on CPUs (not a number)
 """
 

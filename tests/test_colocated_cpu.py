@@ -56,8 +56,13 @@ def weights(run_dir) -> dict:
     return out
 
 
-def test_colocated_equals_split_completions_and_weights(ray_local, tiny_checkpoint, synth_dir, tmp_path) -> None:
-    common = (*ONE_PAIR, "total_steps=3", "checkpoint.every=0", "sampling.max_new_tokens=12")
+LORA = ("learner.lora.rank=4", "learner.lora.alpha=8", "learner.lr=1e-3")
+
+
+@pytest.mark.parametrize("learner", [(), LORA], ids=["full", "lora"])
+def test_colocated_equals_split_completions_and_weights(ray_local, tiny_checkpoint, synth_dir, tmp_path, learner) -> None:
+    """With LoRA too: both transports carry the merged weights, computed the same way."""
+    common = (*ONE_PAIR, "total_steps=3", "checkpoint.every=0", "sampling.max_new_tokens=12", *learner)
     split, _ = run(tiny_config(tiny_checkpoint, synth_dir, tmp_path / "split", *common, "placement.mode=split"))
     colocated, summary = run(tiny_config(tiny_checkpoint, synth_dir, tmp_path / "colo", *common, "placement.mode=colocated"))
     assert summary["finished"]
@@ -72,6 +77,7 @@ def test_colocated_equals_split_completions_and_weights(ray_local, tiny_checkpoi
     assert not changed, changed[:5]
     start = load_file(str(next(tiny_checkpoint.glob("*.safetensors"))))
     assert any(not start[n].equal(a[n]) for n in start if n in a)  # the weights did move
+    assert (latest_checkpoint(tmp_path / "colo") / "adapter").is_dir() == bool(learner)
 
 
 def test_a_killed_colocated_engine_is_restarted(ray_local, tiny_checkpoint, synth_dir, tmp_path) -> None:
