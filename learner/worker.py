@@ -3,8 +3,10 @@
 A rank builds model inputs itself (same media path as the engines), computes policy and reference
 log-probs over completion tokens, accumulates gradients over micro-batches and steps once per call.
 It also streams its weights to the rollout engines and writes loadable checkpoints. What it
-delegates: the models and DeepSpeed's config to `learner.model`, the loss to `learner.grpo`, the
-rollout correction to `learner.correction`, the files of a checkpoint to `learner.checkpoint_io`.
+delegates: the models and DeepSpeed's config to `learner.model`, LoRA to `learner.lora`, the
+model inputs to `learner.batches`, the weights it sends and saves to `learner.exports`, the loss to
+`learner.grpo`, the rollout correction to `learner.correction`, the files of a checkpoint to
+`learner.checkpoint_io`.
 """
 
 from __future__ import annotations
@@ -16,12 +18,13 @@ import socket
 import time
 import warnings
 from collections import defaultdict
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from learner.batches import BatchBuilder
 from learner.checkpoint_io import (
     agree,
     deferred_write_errors,
@@ -30,8 +33,9 @@ from learner.checkpoint_io import (
     save_train_state,
 )
 from learner.correction import mismatch_parts, resolve_correction, rollout_weights, sampler_logprobs
+from learner.exports import WeightExport, numel
 from learner.grpo import LossNorm, aggregate, policy_loss
-from learner.lora import adapters_off, add_adapters, export_weights, merged, write_adapter
+from learner.lora import adapters_off, add_adapters, write_adapter
 from learner.model import (
     build_engine,
     build_model,
@@ -46,19 +50,10 @@ from omni.handoff import Channel, Stager, send_over
 from omni.inputs import (
     ModelBatch,
     PromptFeatures,
-    add_positions,
-    collate,
-    collate_shared,
-    encode_prompt,
     load_processor,
-    media_token_ids,
-    prepare_prompt,
 )
 from omni.names import (
-    head_is_tied,
     require_safetensors,
-    to_vllm_name,
-    without_tied_head,
 )
 from omni.quiet import quiet_default_talker_warnings
 from omni.sampling import SamplingDistribution
@@ -67,7 +62,6 @@ from omni.weightsync import (
     GroupInfo,
     SyncGroup,
     pack_bucket,
-    plan_buckets,
     send_buckets,
     send_raw,
 )
@@ -158,16 +152,13 @@ class LearnerWorker:
             else None
         )
         self.processor = load_processor(s.model_path)
-        tokenizer = self.processor.tokenizer
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.eos_ids = sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id} - {None})
-        self.media_ids = media_token_ids(tokenizer)
+        self._batch = BatchBuilder(self.processor, self.engine.module, s, self.device, self.dtype)
         # the engines' sampling distribution, media placeholders suppressed as they are there
-        self.distribution = SamplingDistribution(s.temperature, s.top_k, s.top_p, suppressed=tuple(self.media_ids))
+        self.distribution = SamplingDistribution(s.temperature, s.top_k, s.top_p, suppressed=tuple(self._batch.media_ids))
         self.named_params = dict(self.engine.module.named_parameters())
         # what the engines and the model folder get: each weight of the plain thinker under its
         # vLLM name (under LoRA a target's merged value, computed when sent)
-        self.exported = {to_vllm_name(w.name): w for w in export_weights(self.engine.module)}
+        self.export = WeightExport(self.engine.module, s.model_path, self.dtype, zero3=s.zero_stage == 3)
         import ray
 
         context = ray.get_runtime_context() if ray.is_initialized() else None
@@ -179,39 +170,14 @@ class LearnerWorker:
             "device": str(self.device),
             "dtype": str(self.dtype),
             "setup_seconds": time.perf_counter() - started,
-            "parameters": sum(_numel(w.base) for w in self.exported.values()),  # the plain thinker's
-            "trainable": sum(_numel(p) for p in self.named_params.values() if p.requires_grad),
+            "parameters": self.export.parameters(),  # the plain thinker's
+            "trainable": sum(numel(p) for p in self.named_params.values() if p.requires_grad),
         }
 
     def _progress(self, message: str) -> None:
         """Set-up of a large model takes minutes: say where it is (Ray forwards it to the driver)."""
         if self.rank == 0:
             print(f"[echoink] learner: {message}", flush=True)
-
-    # ------------------------------------------------------------------ batches
-    def _features(self, experiences: Sequence[Experience], cache: dict[str, PromptFeatures]) -> list[PromptFeatures]:
-        out = []
-        for exp in experiences:
-            key = exp.record.id
-            if key not in cache:
-                prompt = prepare_prompt(
-                    exp.record, self.processor, media=self.settings.media, system_prompt=self.settings.system_prompt
-                )
-                cache[key] = add_positions(self.engine.module, encode_prompt(self.processor, prompt))
-            out.append(cache[key])
-        return out
-
-    def _batch(self, experiences: Sequence[Experience], cache: dict[str, PromptFeatures]) -> ModelBatch:
-        prompts = self._features(experiences, cache)
-        completions = [e.completion_ids for e in experiences]
-        common = dict(pad_id=self.pad_id, eos_ids=self.eos_ids, forbidden_ids=self.media_ids)
-        if self.settings.share_prompts:
-            batch = collate_shared(prompts, [e.record.id for e in experiences], completions, **common)
-        else:
-            batch = collate(prompts, completions, **common)
-        batch = batch.to(self.device, float_dtype=self.dtype)
-        batch.completion_mask = batch.completion_mask.float()
-        return batch
 
     def _logprobs(
         self,
@@ -404,31 +370,11 @@ class LearnerWorker:
         return out
 
     def eos_token_ids(self) -> list[int]:
-        return list(self.eos_ids)
+        return list(self._batch.eos_ids)
 
     # ------------------------------------------------------------------ weights out
     def weight_specs(self, bucket_bytes: int) -> list[BucketSpec]:
-        # a tied head is the embedding matrix: vLLM's shares its storage, so it is not pushed
-        plain = [(w.name, w.base) for w in self.exported.values()]
-        named = without_tied_head(plain, tied=head_is_tied(self.settings.model_path))
-        return plan_buckets(
-            ((to_vllm_name(n), _full_shape(p), self.dtype if p.is_floating_point() else p.dtype) for n, p in named),
-            bucket_bytes,
-        )
-
-    def _gathered(self, specs: Sequence[BucketSpec], everyone: bool = False) -> Iterator[list[torch.Tensor] | None]:
-        """Per bucket, the full tensors on rank 0 (on every rank with ``everyone``; else None on
-        the other ranks, which join the gathers)."""
-        import deepspeed
-
-        mine = everyone or self.rank == 0
-        for spec in specs:
-            weights = [self.exported[t.name] for t in spec.tensors]
-            params = [p for w in weights for p in w.params]
-            # ZeRO-3 gathers each bucket's parameters from every rank (a collective); ZeRO-2
-            # ranks hold them whole already
-            with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=self.settings.zero_stage == 3):
-                yield [merged(w, self.dtype) for w in weights] if mine else None
+        return self.export.specs(bucket_bytes)
 
     def init_weight_sync(self, info: GroupInfo) -> bool:
         """Rank 0 joins the sync group as its rank 0 (blocks until every engine worker has joined);
@@ -453,17 +399,17 @@ class LearnerWorker:
         if channel is not None:
             if self.stager is None:  # kept: the engine keeps the CUDA buffers it opened
                 self.stager = Stager(self.device, in_flight=HANDOFF_IN_FLIGHT)
-            sent = send_over(self.stager, channel, specs, self._gathered(specs, everyone=True))
+            sent = send_over(self.stager, channel, specs, self.export.gathered(specs, mine=True))
         elif self.rank == 0:
             if self.sync is None:
                 raise RuntimeError("init_weight_sync was not called on rank 0")
             buckets = (
                 pack_bucket(spec, tensors, device=self.device)
-                for spec, tensors in zip(specs, self._gathered(specs), strict=True)
+                for spec, tensors in zip(specs, self.export.gathered(specs, mine=True), strict=True)
             )
             sent = send_buckets(self.sync, buckets)
         else:
-            for _ in self._gathered(specs):
+            for _ in self.export.gathered(specs, mine=False):  # the gathers rank 0's broadcast needs
                 pass
         if self.cuda:
             torch.cuda.synchronize()
@@ -484,15 +430,8 @@ class LearnerWorker:
 
     def named_weights(self, names: Sequence[str] | None = None) -> list[tuple[str, torch.Tensor]]:
         """Full weights on CPU under vLLM names (rank 0 returns them; small models, tests)."""
-        specs = self.weight_specs(bucket_bytes=1 << 62)
-        out: list[tuple[str, torch.Tensor]] = []
-        for spec, tensors in zip(specs, self._gathered(specs), strict=True):
-            if tensors is None:
-                continue
-            for ts, tensor in zip(spec.tensors, tensors, strict=True):
-                if names is None or ts.name in names:
-                    out.append((ts.name, tensor.detach().to("cpu").clone()))
-        return out
+        named = self.export.named(self.weight_specs(bucket_bytes=1 << 62), mine=self.rank == 0)
+        return [(n, t.detach().to("cpu").clone()) for n, t in named if names is None or n in names]
 
     # ------------------------------------------------------------------ checkpoints
     def save(self, folder: str, client_state: dict[str, Any] | None = None, train_state: bool = True) -> dict[str, Any]:
@@ -504,23 +443,18 @@ class LearnerWorker:
         before any of them starts the next one.
         """
         dest = Path(folder)
-        specs = self.weight_specs(bucket_bytes=1 << 30)
-        gathered = self._gathered(specs)  # under ZeRO-3 each bucket is a gather every rank joins
-
-        def named() -> Iterator[tuple[str, torch.Tensor]]:
-            for spec, tensors in zip(specs, gathered, strict=True):
-                if tensors is not None:
-                    yield from ((ts.name, t) for ts, t in zip(spec.tensors, tensors, strict=True))
+        # under ZeRO-3 each bucket is a gather every rank joins; rank 0 writes what it gathers
+        named = self.export.named(self.weight_specs(bucket_bytes=1 << 30), mine=self.rank == 0)
 
         failure: BaseException | None = None
         if self.rank == 0:
             try:
-                export_model(Path(self.settings.model_path), dest, named(), on_write=self._write_failpoint)
+                export_model(Path(self.settings.model_path), dest, named, on_write=self._write_failpoint)
                 if self.settings.lora.enabled:  # the adapters as peft's folder too (whole on every rank)
                     write_adapter(self.engine.module, dest)
             except Exception as exc:  # noqa: BLE001 - agreed below, raised on every rank
                 failure = exc
-        for _ in gathered:  # the gathers the failed write left (all of them on the other ranks)
+        for _ in named:  # the gathers the failed write left (all of them on the other ranks)
             pass
         agree(failure, f"writing the model folder {dest}")
         if train_state:
@@ -547,15 +481,6 @@ class LearnerWorker:
         from omni.actorrepr import actor_repr
 
         return actor_repr(f"learner rank {self.rank}/{self.world_size}", f"step {self.steps_done}")
-
-
-def _numel(param: torch.Tensor) -> int:
-    return int(getattr(param, "ds_numel", param.numel()))
-
-
-def _full_shape(param: torch.Tensor) -> tuple[int, ...]:
-    shape = getattr(param, "ds_shape", None)
-    return tuple(shape) if shape is not None else tuple(param.shape)
 
 
 def _rows(out: torch.Tensor, rows: Sequence[Sequence[float] | None]) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The run config: every default in one place. YAML files override it; `--set key=value` overrides those.
+"""The run config: every default in one place. YAML files override it; `--set key=value` overrides those
+(how files and overrides are read: `orchestrator.config_files`).
 
 Unknown keys and bad values fail before anything starts, naming the key.
 """
@@ -11,6 +12,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from orchestrator.config_files import ConfigError, apply_override, merge_trees, read_yaml
 
 
 class Section(BaseModel):
@@ -443,10 +446,6 @@ def check_colocation(config: RunConfig) -> None:
         )
 
 
-class ConfigError(ValueError):
-    """A config that cannot run, naming the key."""
-
-
 def _format_errors(exc: ValidationError, source: str) -> str:
     lines = [f"invalid run config ({source}):"]
     for err in exc.errors():
@@ -456,50 +455,6 @@ def _format_errors(exc: ValidationError, source: str) -> str:
             msg = "unknown key"
         lines.append(f"  {key}: {msg}")
     return "\n".join(lines)
-
-
-def _parse_scalar(text: str) -> Any:
-    """`--set` values are YAML scalars or flow collections: 3, 1e-6, true, null, [1, 2], {a: 1}."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
-
-
-def apply_override(tree: dict[str, Any], assignment: str) -> None:
-    if "=" not in assignment:
-        raise ConfigError(f"--set {assignment!r}: expected key=value")
-    key, _, raw = assignment.partition("=")
-    parts = key.strip().split(".")
-    if not all(parts):
-        raise ConfigError(f"--set {assignment!r}: empty key")
-    node = tree
-    for part in parts[:-1]:
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"--set {key}: {part!r} is not a section")
-        node = child
-    node[parts[-1]] = _parse_scalar(raw)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
-    try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if loaded is not None and not isinstance(loaded, dict):
-        raise ConfigError(f"{path}: expected a mapping of keys at the top level")
-    return loaded or {}
-
-
-def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
-    """``over``'s keys replace ``base``'s; sections merge key by key."""
-    out = dict(base)
-    for key, value in over.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def load_config(
@@ -512,10 +467,10 @@ def load_config(
     tree: dict[str, Any] = {}
     sources = []
     if path is not None:
-        tree = _read_yaml(Path(path))
+        tree = read_yaml(Path(path))
         sources.append(str(path))
     if recipe is not None:
-        tree = _merge(tree, _read_yaml(Path(recipe)))
+        tree = merge_trees(tree, read_yaml(Path(recipe)))
         sources.append(f"recipe {recipe}")
     for assignment in overrides:
         apply_override(tree, assignment)

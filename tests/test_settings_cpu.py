@@ -62,6 +62,8 @@ ALTERNATIVES: dict[str, Any] = {
     "eval.ablate": ["none", "audio"],
     "ray.address": "auto",
     "ray.num_cpus": 3.0,
+    "learner.max_gpu_memory_gb": 76.0,
+    "learner.lora.targets": ["q_proj", "v_proj"],
 }
 
 
@@ -97,6 +99,7 @@ def other_value(key: str, field: Any, current: Any) -> Any:
 # keys whose other values are valid only beside others (the grpo section refuses combinations
 # that do nothing): set in both the base and the changed config
 COMPANIONS: dict[str, dict[str, Any]] = {
+    "learner.lora.rank": {"learner.zero_stage": 2},  # LoRA runs under ZeRO-2
     "grpo.policy_loss": {"grpo.mini_batches": 2},
     "grpo.clip_eps": {"grpo.policy_loss": "ppo_clip", "grpo.clip_eps": 0.2, "grpo.mini_batches": 2},
     "grpo.clip_eps_high": {"grpo.policy_loss": "ppo_clip", "grpo.clip_eps": 0.2, "grpo.mini_batches": 2},
