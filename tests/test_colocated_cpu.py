@@ -56,7 +56,10 @@ def weights(run_dir) -> dict:
     return out
 
 
-LORA = ("learner.lora.rank=4", "learner.lora.alpha=8", "learner.lr=1e-3")
+# with a reward that has signal on a random model (test_train_e2e_cpu's): the task's rewards give
+# every completion 0 there, and without an advantage LoRA's merged weights stay the starting ones
+# (weight decay moves a full fine-tune's, but B stays 0)
+LORA = ("learner.lora.rank=4", "learner.lora.alpha=8", "learner.lr=1e-3", "rewards.weights={test_vowel_share: 1.0}")
 
 
 @pytest.mark.parametrize("learner", [(), LORA], ids=["full", "lora"])
