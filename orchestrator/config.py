@@ -200,10 +200,9 @@ class RolloutConfig(Section):
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per engine")
 
 
-def _default_lora_targets() -> list[str]:
-    from learner.types import DEFAULT_LORA_TARGETS  # here: loading a config needs no torch
-
-    return list(DEFAULT_LORA_TARGETS)
+# the language model's attention and MLP projections: learner.types.DEFAULT_LORA_TARGETS, written
+# here too because loading a config imports no torch (tests/test_lora_cpu.py holds them equal)
+DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 class LoraConfig(Section):
@@ -211,7 +210,7 @@ class LoraConfig(Section):
     alpha: float = Field(16.0, gt=0.0, description="the adapters' scale is alpha / rank")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
     targets: list[str] = Field(
-        default_factory=_default_lora_targets,
+        default_factory=lambda: list(DEFAULT_LORA_TARGETS),
         description="the last name part of the linear layers that get adapters (default: the language model's "
         "attention and MLP projections); each must name one",
     )

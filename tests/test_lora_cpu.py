@@ -84,6 +84,10 @@ def test_adapters_merge_switch_off_and_load_in_peft(tiny_checkpoint: Path, tmp_p
 
 
 def test_targets_are_checked_and_towers_are_opt_in(tiny_checkpoint: Path) -> None:
+    from learner.types import DEFAULT_LORA_TARGETS
+    from orchestrator import config
+
+    assert config.DEFAULT_LORA_TARGETS == DEFAULT_LORA_TARGETS == LORA.targets  # the config's default is the learner's
     with pytest.raises(ValueError, match=r"\['qproj'\] name no linear layer of the language model"):
         add_adapters(thinker(tiny_checkpoint), LoraSettings(rank=2, targets=("q_proj", "qproj")), seed=0)
     model = thinker(tiny_checkpoint)
