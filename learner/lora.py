@@ -20,7 +20,7 @@ to know:
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,11 +83,12 @@ def lora_layers(model: torch.nn.Module) -> dict[str, torch.nn.Module]:
 
 
 @contextlib.contextmanager
-def adapters_off(model: torch.nn.Module) -> Iterator[None]:
-    """The reference policy: ``model`` with every adapter switched off (the starting model's
-    function). peft's switch also clears the adapters' ``requires_grad`` and sets it back on the
-    way out, so use it outside a graph that will be back-propagated (under ``torch.no_grad``)."""
-    layers = list(lora_layers(model).values())
+def adapters_off(layers: Iterable[torch.nn.Module]) -> Iterator[None]:
+    """The reference policy: the model with every adapter of ``layers`` (its :func:`lora_layers`,
+    found once: this runs for every micro-batch) switched off — the starting model's function.
+    peft's switch also clears the adapters' ``requires_grad`` and sets it back on the way out, so
+    use it outside a graph that will be back-propagated (under ``torch.no_grad``)."""
+    layers = list(layers)
     for layer in layers:
         layer.enable_adapters(False)
     try:

@@ -49,10 +49,6 @@ class LoraSettings:
     def enabled(self) -> bool:
         return self.rank > 0
 
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
-
 
 @dataclass(frozen=True)
 class LearnerSettings:

@@ -35,7 +35,7 @@ from learner.checkpoint_io import (
 from learner.correction import mismatch_parts, resolve_correction, rollout_weights, sampler_logprobs
 from learner.exports import WeightExport, numel
 from learner.grpo import LossNorm, aggregate, policy_loss
-from learner.lora import adapters_off, add_adapters, write_adapter
+from learner.lora import adapters_off, add_adapters, lora_layers, write_adapter
 from learner.model import (
     build_engine,
     build_model,
@@ -155,7 +155,7 @@ class LearnerWorker:
         self._batch = BatchBuilder(self.processor, self.engine.module, s, self.device, self.dtype)
         # the engines' sampling distribution, media placeholders suppressed as they are there
         self.distribution = SamplingDistribution(s.temperature, s.top_k, s.top_p, suppressed=tuple(self._batch.media_ids))
-        self.named_params = dict(self.engine.module.named_parameters())
+        self.adapters = list(lora_layers(self.engine.module).values())  # empty without LoRA
         # what the engines and the model folder get: each weight of the plain thinker under its
         # vLLM name (under LoRA a target's merged value, computed when sent)
         self.export = WeightExport(self.engine.module, s.model_path, self.dtype, zero3=s.zero_stage == 3)
@@ -171,7 +171,7 @@ class LearnerWorker:
             "dtype": str(self.dtype),
             "setup_seconds": time.perf_counter() - started,
             "parameters": self.export.parameters(),  # the plain thinker's
-            "trainable": sum(numel(p) for p in self.named_params.values() if p.requires_grad),
+            "trainable": sum(numel(p) for p in self.engine.module.parameters() if p.requires_grad),
         }
 
     def _progress(self, message: str) -> None:
@@ -210,7 +210,7 @@ class LearnerWorker:
         with torch.no_grad():
             if self.reference is not None:
                 return self._logprobs(self.reference, batch)
-            with adapters_off(self.engine.module):
+            with adapters_off(self.adapters):
                 return self._logprobs(self.engine, batch)
 
     @property

@@ -62,7 +62,7 @@ def test_adapters_merge_switch_off_and_load_in_peft(tiny_checkpoint: Path, tmp_p
         layer.lora_B[ADAPTER].weight.data.normal_(0.0, 0.05, generator=generator)
     adapted = logits(model, ids)
     assert (adapted - logits(base, ids)).abs().max() > 1e-3
-    with adapters_off(model):  # the reference: the starting model's function, exactly
+    with adapters_off(layers.values()):  # the reference: the starting model's function, exactly
         assert torch.equal(logits(model, ids), logits(base, ids))
     assert all(p.requires_grad for n, p in model.named_parameters() if ".lora_" in n)  # switched back on
     assert torch.equal(logits(model, ids), adapted)
