@@ -28,7 +28,7 @@ import common  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PARTS = ("timing/rollout_s", "timing/sleep_s", "timing/learn_s", "timing/wake_s", "timing/weight_sync_s", "timing/step_s")
-MEMORY = ("memory/gpu_used_awake_gb", "memory/gpu_used_asleep_gb", "memory/learner_peak_gb")
+MEMORY = ("memory/gpu_used_awake_gb", "memory/gpu_used_asleep_gb", "memory/learner_peak_gb", "memory/host_used_gb")
 
 
 def bare_copy_seconds(nbytes: int, repeats: int = 5) -> float:
@@ -53,6 +53,26 @@ def coin_reward(text: str, record: object, options: object) -> float:
     """Random weights solve nothing, so every reward would be 0, every advantage 0 and every
     gradient exactly 0: a fair coin from the completion's text gives real, finite gradients."""
     return float(zlib.crc32(text.encode()) & 1)
+
+
+def estimate_rows(config: object, folder: Path, med: dict[str, float]) -> list[tuple[str, str]]:
+    """`echoink plan`'s memory estimate for this run (orchestrator/memory.py) against the medians."""
+    import torch
+
+    from omni.sizes import model_shape
+    from orchestrator.memory import OVERHEAD_GIB, estimate
+
+    card = torch.cuda.get_device_properties(0).total_memory / 2**30
+    plan = estimate(config, model_shape(folder), colocated=True, gpu_gib=card)
+    step = next(p for p in plan.phases if "learner step" in p.name).gib - OVERHEAD_GIB  # an allocator peak
+    awake = next(p for p in plan.phases if "rollout" in p.name).gib
+    med["estimate/learner_peak_gb"], med["estimate/gpu_used_awake_gb"] = step, awake
+    rows = []
+    for label, guess, key in (("learner peak", step, "memory/learner_peak_gb"), ("both awake", awake, "memory/gpu_used_awake_gb")):
+        if key in med:
+            rows.append((f"echoink plan: {label}", f"{guess:.1f} GiB estimated, {med[key]:.1f} measured "
+                                                   f"({guess / med[key] - 1:+.1%})"))
+    return rows
 
 
 def main() -> None:
@@ -115,6 +135,8 @@ def main() -> None:
         ("bare device copy of those bytes", f"{copy_s * 1e3:.1f} ms"),
         ("loss / grad norm (last step)", f"{rows[-1]['loss']:.4g} / {rows[-1]['grad_norm']:.4g}"),
     ]
+    if not args.cpu:  # echoink plan's estimate beside what was measured (RESULTS.md section 10)
+        rows_out += estimate_rows(config, folder, med)
     ratio = med["timing/weight_sync_s"] / copy_s if copy_s == copy_s and copy_s > 0 else float("nan")
     common.report(name, rows_out, ("weight transfer / bare device copy", ratio),
                   {"medians": med, "rows": rows, "bare_copy_s": copy_s, "config": config.model_dump(mode="json")})

@@ -4,7 +4,8 @@
 # Stages: install (kit → /tmp/site), smoke (echoink train, ZeRO-2 then ZeRO-3), sync, rollout,
 # learner7b, learner2b, async, colocated3b, colocated7b, everyinput, and "what fits" (RESULTS.md
 # section 9): full3b, lora3b, lora7b, lora3b80, lora7b80 (80 GB simulated: the learner capped
-# at 76 GiB, the engine's share scaled to the same bytes as on an 80 GB card). Logs and JSON records go to $OUT; a short table is printed last.
+# at 76 GiB, the engine's share scaled to the same bytes as on an 80 GB card); the full fine-tune's
+# levers (section 10): cpuadam (DeepSpeed's CPU Adam builds), full3b80off, full7blean, full7boff. Logs and JSON records go to $OUT; a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/echoink-out} PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
@@ -48,6 +49,16 @@ for stage in "$@"; do
         --tag lora64_80gb --set learner.max_gpu_memory_gb=76 --set rollout.memory_share=$(awk 'BEGIN{print 0.45*80/139.8}') ;;
     lora7b80) run lora7b80 $PY benchmarks/bench_colocated.py --layout 7b --config configs/omni7b_lora_80gb.yaml --steps 3 \
         --tag lora64_80gb --set learner.max_gpu_memory_gb=76 --set rollout.memory_share=$(awk 'BEGIN{print 0.5*80/139.8}') ;;
+    cpuadam) run cpuadam $PY -c "import time; t = time.time(); from deepspeed.ops.op_builder.cpu import CPUAdamBuilder; CPUAdamBuilder().load(); print(f'cpu_adam  built and loaded in {time.time() - t:.0f} s')" ;;
+    full3b80off) run full3b80off $PY benchmarks/bench_colocated.py --layout 3b --config configs/omni3b_80gb.yaml --steps 3 \
+        --tag full_offload_80gb --set learner.lora.rank=0 --set learner.lr=1e-6 --set learner.offload_optimizer=true \
+        --set learner.max_gpu_memory_gb=76 --set rollout.memory_share=$(awk 'BEGIN{print 0.45*80/139.8}') ;;
+    full7blean) run full7blean $PY benchmarks/bench_colocated.py --layout 7b --config configs/omni7b_1gpu.yaml --steps 3 \
+        --tag full_bf16_refcpu --set learner.lora.rank=0 --set learner.lr=1e-6 --set learner.optimizer_dtype=bfloat16 \
+        --set learner.reference_device=cpu ;;
+    full7boff) run full7boff $PY benchmarks/bench_colocated.py --layout 7b --config configs/omni7b_1gpu.yaml --steps 3 \
+        --tag full_offload_bf16 --set learner.lora.rank=0 --set learner.lr=1e-6 --set learner.optimizer_dtype=bfloat16 \
+        --set learner.offload_optimizer=true ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   ray stop --force > /dev/null 2>&1

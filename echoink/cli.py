@@ -159,6 +159,8 @@ def _plan(args: argparse.Namespace) -> int:
 
     if args.gpus < 0 or (args.questions is not None and args.questions < 1):
         raise ValueError("--gpus must be 0 or more and --questions 1 or more")
+    if any(v is not None and v <= 0 for v in (args.gpu_memory, args.host_memory)):
+        raise ValueError("--gpu-memory and --host-memory are GiB, more than 0")
     config = load_config(args.config, args.set, recipe=args.recipe)
     records = None  # without the data, the engines' media (media.per_prompt: auto) allow every medium
     if args.questions is None:
@@ -170,8 +172,18 @@ def _plan(args: argparse.Namespace) -> int:
         questions, records = len(data.train), [*data.train, *data.valid]
     else:
         config, questions = _absolute_config(config, must_exist=()), args.questions
+    shape = None
+    if args.gpus > 0:  # the memory estimate: the thinker's shape from its config.json
+        if (Path(config.model_path) / "config.json").is_file():
+            from omni.sizes import model_shape
+
+            shape = model_shape(Path(config.model_path))
+        else:
+            print(f"echoink: no memory estimate: {config.model_path}/config.json is not here (a released layout's "
+                  "config: echoink model tiny --layout 3b|7b --config-only --out DIR, then --set model_path=DIR)")
+    cluster = cluster_of(config.ray.use_gpus, args.gpus, args.gpu_memory, args.host_memory)
     try:
-        plan = make_plan(config, cluster_of(config.ray.use_gpus, args.gpus), train_size=questions, records=records)
+        plan = make_plan(config, cluster, train_size=questions, records=records, shape=shape)
     except RuntimeError as exc:  # a layout the cluster cannot hold: the answer to this command, not a crash
         raise ValueError(f"{exc} (--gpus {args.gpus})") from None
     print(plan.describe())
@@ -332,6 +344,10 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--recipe", type=Path, metavar="FILE", help="as for echoink train")
     plan.add_argument("--gpus", type=int, default=0, metavar="N",
                       help="plan for a cluster of N GPUs (default 0: CPUs only)")
+    plan.add_argument("--gpu-memory", type=float, metavar="GIB",
+                      help="each GPU's memory in GiB as nvidia-smi shows it (80 for an 80 GB A100 or H100, 140 for an "
+                      "H200): with --gpus, the run must fit it (per role and phase, orchestrator/memory.py)")
+    plan.add_argument("--host-memory", type=float, metavar="GIB", help="a node's host memory in GiB: the run must fit it")
     plan.add_argument("--questions", type=int, metavar="N",
                       help="plan for N training questions instead of reading data.train (a cluster's data, elsewhere)")
     plan.set_defaults(func=_plan)

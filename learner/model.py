@@ -44,6 +44,13 @@ def deepspeed_config(settings: LearnerSettings, *, dtype: torch.dtype, cuda: boo
         )
     else:
         zero["allgather_bucket_size"] = int(5e8)
+    if s.offload_optimizer:  # ZeRO-Offload: the update runs on the host (DeepSpeed's CPU Adam)
+        # not pinned: torch's pinned allocator rounds each block up to a power of two, so the 3B's
+        # 18.8 GB fp32 partitions took 32 GB each and the 128 GB host ran out (measured, RESULTS 10)
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    bf16: dict[str, Any] = {"enabled": dtype == torch.bfloat16}
+    if s.optimizer_dtype == "bfloat16":  # master weights, gradients and moments in bf16 (8 bytes a parameter less)
+        bf16.update(bf16_master_weights_and_grads=True, bf16_optimizer_states=True)
     return {
         "train_micro_batch_size_per_gpu": s.micro_batch_size,
         "gradient_accumulation_steps": 1,
@@ -52,7 +59,7 @@ def deepspeed_config(settings: LearnerSettings, *, dtype: torch.dtype, cuda: boo
         "managed_gradient_accumulation": False,
         "gradient_clipping": s.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": dtype == torch.bfloat16},
+        "bf16": bf16,
         "optimizer": {
             "type": "AdamW",
             "params": {
@@ -60,7 +67,9 @@ def deepspeed_config(settings: LearnerSettings, *, dtype: torch.dtype, cuda: boo
                 "betas": list(s.betas),
                 "eps": s.adam_eps,
                 "weight_decay": s.weight_decay,
-                "torch_adam": True,
+                # torch's AdamW on the GPU; under ZeRO-Offload DeepSpeed's CPU Adam (vectorised, threaded:
+                # torch's on host tensors is several times slower), compiled on first use
+                "torch_adam": not s.offload_optimizer,
                 "adam_w_mode": True,
             },
         },

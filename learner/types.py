@@ -103,3 +103,6 @@ class LearnerSettings:
     train: bool = True  # False: weights only, no optimizer (weight-sync benchmarks)
     lora: LoraSettings = LoraSettings()
     max_gpu_memory_gb: float | None = None  # a smaller card's memory on a larger one (benchmarks, plans)
+    offload_optimizer: bool = False  # ZeRO-Offload: master weights, gradients' copy and moments on the host
+    optimizer_dtype: str = "float32"  # bfloat16: master weights, gradients and moments in bf16
+    reference_device: str = "gpu"  # cpu: the reference in host memory, on the GPU only for its forwards

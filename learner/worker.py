@@ -19,6 +19,7 @@ import time
 import warnings
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -43,18 +44,13 @@ from learner.model import (
     deepspeed_config,
     resolve_dtype,
 )
+from learner.offload import HostResident
 from learner.types import Experience, LearnerSettings
 from omni.fixtures.failpoints import failpoint
 from omni.forward import completion_logprobs, unused_tower_term
 from omni.handoff import Channel, Stager, send_over
-from omni.inputs import (
-    ModelBatch,
-    PromptFeatures,
-    load_processor,
-)
-from omni.names import (
-    require_safetensors,
-)
+from omni.inputs import ModelBatch, PromptFeatures, load_processor
+from omni.names import require_safetensors
 from omni.quiet import quiet_default_talker_warnings
 from omni.sampling import SamplingDistribution
 from omni.weightsync import (
@@ -142,15 +138,22 @@ class LearnerWorker:
         if s.lora.enabled:  # before the engine: its optimizer gets the adapters only
             add_adapters(model, s.lora, seed=s.seed)
         self._progress(f"model built ({time.perf_counter() - started:.0f} s)")
-        self.engine, self.optimizer, self.scheduler = build_engine(s, model, config)
-        self._progress(f"DeepSpeed ZeRO-{s.zero_stage} engine ready ({time.perf_counter() - started:.0f} s)")
         # the reference for the KL term: a frozen copy of the starting model, or under LoRA the
-        # policy itself with its adapters off (learner.lora) — no second model
+        # policy itself with its adapters off (learner.lora) — no second model. Built before the
+        # optimizer states, so that one kept on the host (learner.reference_device) has left the
+        # GPU before they take their memory
         self.reference = (
             build_reference(s, config, rank=self.rank, device=self.device, dtype=self.dtype)
             if s.beta > 0 and not s.lora.enabled
             else None
         )
+        self.reference_home = (
+            HostResident(self.reference, self.device)
+            if self.reference is not None and s.reference_device == "cpu"
+            else None
+        )
+        self.engine, self.optimizer, self.scheduler = build_engine(s, model, config)
+        self._progress(f"DeepSpeed ZeRO-{s.zero_stage} engine ready ({time.perf_counter() - started:.0f} s)")
         self.processor = load_processor(s.model_path)
         self._batch = BatchBuilder(self.processor, self.engine.module, s, self.device, self.dtype)
         # the engines' sampling distribution, media placeholders suppressed as they are there
@@ -213,6 +216,11 @@ class LearnerWorker:
             with adapters_off(self.adapters):
                 return self._logprobs(self.engine, batch)
 
+    def _reference_visit(self) -> AbstractContextManager[Any]:
+        """The reference's weights on the device for a ``with`` block (they are there already unless
+        it lives on the host, learner.reference_device)."""
+        return self.reference_home.on_device() if self.reference_home is not None else nullcontext()
+
     @property
     def has_reference(self) -> bool:
         return self.settings.beta > 0
@@ -240,8 +248,12 @@ class LearnerWorker:
         ratio_max, ratio_min = -math.inf, math.inf
         lr = float(self.scheduler.get_last_lr()[0])
         correction = resolve_correction(s.rollout_correction, s.off_policy, s.clip_eps)
-        for start in range(0, len(experiences), s.micro_batch_size):
-            micro = experiences[start : start + s.micro_batch_size]
+        micros = [experiences[i : i + s.micro_batch_size] for i in range(0, len(experiences), s.micro_batch_size)]
+        references: list[torch.Tensor] | None = None
+        if self.reference_home is not None:  # one visit a step: every micro-batch's reference first
+            with self._reference_visit():
+                references = [self._reference_logprobs(self._batch(micro, cache)) for micro in micros]
+        for index, micro in enumerate(micros):
             batch = self._batch(micro, cache)
             real = torch.tensor([1.0 if e.in_loss else 0.0 for e in micro], device=self.device)
             mask = batch.completion_mask * real.unsqueeze(1)
@@ -263,7 +275,10 @@ class LearnerWorker:
             outside: list[torch.Tensor] = []
             compare = sampled is not None  # nothing to compare without sampler log-probs
             # the reference first: under LoRA it is the policy's own forward with the adapters off
-            ref_logp = self._reference_logprobs(batch) if self.has_reference else None
+            ref_logp = (
+                references[index] if references is not None
+                else self._reference_logprobs(batch) if self.has_reference else None
+            )
             logp = self._logprobs(
                 self.engine,
                 batch,
@@ -333,6 +348,7 @@ class LearnerWorker:
         parts["lr"] = lr
         if ratio_max >= ratio_min:  # at least one trained token on this rank
             parts["ratio/max"], parts["ratio/min"] = ratio_max, ratio_min
+        parts["memory/host_used_gb"] = host_used_gib()  # the node's: offloaded states and a reference live there
         if self.cuda:
             parts["memory/learner_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if s.release_memory:  # a colocated engine wakes into what the step's activations held
@@ -354,17 +370,18 @@ class LearnerWorker:
         cache: dict[str, PromptFeatures] = {}
         out: list[list[float]] = []
         try:
-            for start in range(0, len(experiences), self.settings.micro_batch_size):
-                batch = self._batch(experiences[start : start + self.settings.micro_batch_size], cache)
-                truncated: list[torch.Tensor] = []
-                if reference:
-                    logp = self._reference_logprobs(batch)
-                else:
-                    logp = self._logprobs(self.engine, batch, sampling=truncated if sampling else None)
-                    logp = truncated[0] if sampling else logp
-                for row in range(logp.shape[0]):
-                    n = int(batch.completion_mask[row].sum())
-                    out.append(logp[row, :n].float().cpu().tolist())
+            with self._reference_visit() if reference else nullcontext():
+                for start in range(0, len(experiences), self.settings.micro_batch_size):
+                    batch = self._batch(experiences[start : start + self.settings.micro_batch_size], cache)
+                    truncated: list[torch.Tensor] = []
+                    if reference:
+                        logp = self._reference_logprobs(batch)
+                    else:
+                        logp = self._logprobs(self.engine, batch, sampling=truncated if sampling else None)
+                        logp = truncated[0] if sampling else logp
+                    for row in range(logp.shape[0]):
+                        n = int(batch.completion_mask[row].sum())
+                        out.append(logp[row, :n].float().cpu().tolist())
         finally:
             self.engine.train(was_training)
         return out
@@ -481,6 +498,13 @@ class LearnerWorker:
         from omni.actorrepr import actor_repr
 
         return actor_repr(f"learner rank {self.rank}/{self.world_size}", f"step {self.steps_done}")
+
+
+def host_used_gib() -> float:
+    import psutil
+
+    memory = psutil.virtual_memory()
+    return (memory.total - memory.available) / 2**30
 
 
 def _rows(out: torch.Tensor, rows: Sequence[Sequence[float] | None]) -> torch.Tensor:

@@ -253,6 +253,22 @@ class LearnerConfig(Section):
         description="cap each rank's GPU memory (torch's per-process fraction): what the learner would have on a "
         "smaller card, e.g. 80 on a 141 GB GPU; it fails with CUDA's out-of-memory error where that card would",
     )
+    offload_optimizer: bool = Field(
+        False,
+        description="ZeRO-Offload: the master weights, their gradients and Adam's moments in host memory, updated "
+        "there by DeepSpeed's CPU Adam; the GPU keeps the bf16 weights and gradients",
+    )
+    optimizer_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="bfloat16: master weights, gradients and Adam's moments in bf16 (DeepSpeed's "
+        "bf16_master_weights_and_grads and bf16_optimizer_states), 8 bytes a trainable parameter instead of 16; "
+        "an update smaller than bf16's step at a weight is lost (RESULTS.md, section 10); needs dtype bfloat16",
+    )
+    reference_device: Literal["gpu", "cpu"] = Field(
+        "gpu",
+        description="cpu: the frozen reference waits in host memory and comes to the GPU once a step for the "
+        "reference log-probs of every micro-batch, then leaves (ZeRO-2, a full fine-tune with beta > 0)",
+    )
     lora: LoraConfig = Field(
         default_factory=LoraConfig,
         description="low-rank adapters: only they train; the reference is the policy with them switched off; "
@@ -267,6 +283,17 @@ class LearnerConfig(Section):
                 "small, and its frozen base is held whole on every rank (ZeRO-3 partitioning of a LoRA run is "
                 "not built); set learner.zero_stage=2"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _lean_levers(self) -> LearnerConfig:
+        if self.optimizer_dtype == "bfloat16" and self.dtype != "bfloat16":
+            raise ValueError("learner.optimizer_dtype bfloat16 keeps the master weights in bf16: it needs "
+                             "learner.dtype bfloat16 (set learner.dtype=bfloat16)")
+        if self.reference_device == "cpu" and (self.zero_stage == 3 or self.lora.rank > 0):
+            raise ValueError("learner.reference_device cpu moves a whole frozen reference model: under ZeRO-3 it is "
+                             "already partitioned over the ranks, and under LoRA there is none (the reference is "
+                             "the policy with its adapters off); set learner.reference_device=gpu")
         return self
 
 
@@ -366,6 +393,12 @@ class PlacementConfig(Section):
         description="split: every engine and every learner rank gets GPUs of its own; colocated: engine i and "
         "learner rank i share GPU i (vLLM sleeps while the learner trains; weights move within the node); "
         "auto: split where the cluster's GPUs hold that layout, else colocated (CPUs: split)",
+    )
+    check_memory: bool = Field(
+        True,
+        description="on GPUs, stop before anything starts when echoink's memory estimate (echoink plan) says the "
+        "run does not fit this node's GPUs or host; false starts it anyway (the estimate is within 10 % of the "
+        "measured peaks, RESULTS.md section 10)",
     )
 
 

@@ -140,6 +140,28 @@ def cluster_gpus() -> int:
     return int(ray.cluster_resources().get("GPU", 0))
 
 
+def node_memory_gib() -> tuple[float | None, float]:
+    """This node's GPU memory (each GPU's, the smallest; None without ``nvidia-smi`` or GPUs) and
+    host memory, in GiB. Read through nvidia-smi, not torch: a CUDA context in the driver would hold
+    memory on GPU 0 for the whole run, beside a colocated engine and learner."""
+    import shutil
+    import subprocess
+
+    import psutil
+
+    host = psutil.virtual_memory().total / 2**30
+    smi = shutil.which("nvidia-smi")
+    if smi is None:
+        return None, host
+    try:
+        out = subprocess.run([smi, "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=30, check=True).stdout
+        sizes = [float(line) / 1024 for line in out.split() if line.strip()]  # MiB
+    except (subprocess.SubprocessError, OSError, ValueError):
+        return None, host
+    return (min(sizes) if sizes else None), host
+
+
 def split_gpus(engines: int, tp: int, ranks: int) -> int:
     return engines * tp + ranks
 

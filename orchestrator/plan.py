@@ -17,7 +17,9 @@ import avqa
 from evaluation.evaluate import EvalSettings
 from learner.types import LearnerSettings
 from omni.inputs import MediaSettings
+from omni.sizes import ModelShape
 from orchestrator.config import RunConfig, check_colocation
+from orchestrator.memory import MemoryPlan, check_fits
 from orchestrator.placement import Layout, check_capacity, run_name, split_gpus
 from orchestrator.scoring import ScoringRules
 from orchestrator.settings import (
@@ -37,13 +39,17 @@ class Cluster:
 
     use_gpus: bool
     gpus: int = 0
+    gpu_memory_gib: float | None = None  # each GPU's (None: unknown, the memory check is skipped)
+    host_memory_gib: float | None = None  # a node's
 
 
-def cluster_of(use_gpus: str, gpus: int) -> Cluster:
+def cluster_of(use_gpus: str, gpus: int, gpu_memory_gib: float | None = None,
+               host_memory_gib: float | None = None) -> Cluster:
     """``ray.use_gpus`` (auto | yes | no) against the cluster's ``gpus``."""
     if use_gpus == "yes" and gpus < 1:
         raise RuntimeError("ray.use_gpus is 'yes' but the Ray cluster has no GPUs")
-    return Cluster(use_gpus=gpus >= 1 if use_gpus == "auto" else use_gpus == "yes", gpus=gpus)
+    return Cluster(use_gpus=gpus >= 1 if use_gpus == "auto" else use_gpus == "yes", gpus=gpus,
+                   gpu_memory_gib=gpu_memory_gib, host_memory_gib=host_memory_gib)
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,7 @@ class RunPlan:
     sync: SyncPlan
     schedule: Schedule
     warnings: tuple[str, ...] = ()
+    memory: MemoryPlan | None = None  # on GPUs, with the model's shape known (orchestrator.memory)
     config_record: dict[str, Any] = field(default_factory=dict, compare=False)  # config.yaml, run_state.json
 
     def describe(self) -> str:
@@ -142,6 +149,9 @@ class RunPlan:
         width = max(len(k) for k, _ in rows)
         lines = [f"{k.ljust(width)}  {v}" for k, v in rows]
         lines += [f"{'warning'.ljust(width)}  {w}" for w in self.warnings]
+        if self.memory is not None:
+            lines += ["memory (GiB; orchestrator/memory.py, held against RESULTS.md's measured peaks):",
+                      *("  " + line for line in self.memory.describe().splitlines())]
         return "\n".join(lines)
 
 
@@ -195,10 +205,13 @@ def make_plan(
     records: Sequence[avqa.Record] | None = None,
     resume_from: Path | None = None,
     stop_after: int | None = None,
+    shape: ModelShape | None = None,
 ) -> RunPlan:
     """The plan of a training run over ``train_size`` questions; ``records`` (the run's splits)
     decide the engines' media with ``media.per_prompt: auto``. ``config``'s paths are taken as
-    they are (`orchestrator.paths.with_absolute_paths` first, for a run)."""
+    they are (`orchestrator.paths.with_absolute_paths` first, for a run). With the thinker's
+    ``shape`` on GPUs the plan holds its memory estimate, and a run that cannot fit the cluster's
+    GPU or host memory (where known) fails here, naming its largest item and a lever."""
     c, g = config, config.grpo
     layout = layout_for(c, cluster)
     total_steps = c.steps_for(train_size)
@@ -219,7 +232,12 @@ def make_plan(
         bucket_bytes=int(c.sync.bucket_mb * 2**20), tensor_parallel_size=c.rollout.tensor_parallel_size,
         timeout_s=c.sync.timeout_s, every=c.sync.every,
     )
+    memory = None
+    if shape is not None and cluster.use_gpus:
+        memory = check_fits(c, shape, colocated=layout.mode == "colocated", gpu_gib=cluster.gpu_memory_gib,
+                            host_gib=cluster.host_memory_gib)
     return RunPlan(
+        memory=memory,
         run_dir=Path(c.output_dir),
         model_path=Path(c.model_path),
         resume_from=resume_from,

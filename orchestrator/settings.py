@@ -147,6 +147,9 @@ def learner_settings(
         lora=LoraSettings(rank=lc.lora.rank, alpha=lc.lora.alpha, dropout=lc.lora.dropout,
                           targets=tuple(lc.lora.targets), towers=lc.lora.towers),
         max_gpu_memory_gb=lc.max_gpu_memory_gb,
+        offload_optimizer=lc.offload_optimizer,
+        optimizer_dtype=lc.optimizer_dtype,
+        reference_device=lc.reference_device,
     )
 
 

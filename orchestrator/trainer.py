@@ -22,12 +22,13 @@ from evaluation.evaluate import evaluate_in_run
 from evaluation.results import gain_summary
 from learner.group import LearnerDied, LearnerGroup
 from omni.names import require_safetensors
+from omni.sizes import model_shape
 from orchestrator import checkpoint as ckpt
 from orchestrator.config import RunConfig, dump_config
 from orchestrator.data import RunData, load_run_data
 from orchestrator.gpu_sharing import GpuSharing
 from orchestrator.paths import with_absolute_paths
-from orchestrator.placement import Placement, cluster_gpus, place
+from orchestrator.placement import Placement, cluster_gpus, node_memory_gib, place
 from orchestrator.plan import RunPlan, cluster_of, make_plan, needs_weights, ray_cpus
 from orchestrator.ray_connect import connect
 from orchestrator.run_state import COUNTERS, PendingBatch, RunState
@@ -457,8 +458,13 @@ def prepare(
         require_safetensors(config.model_path)  # before anything starts, Ray included
     where = connect(config.ray.address, config.ray.num_cpus, ray_cpus(config))
     cluster = cluster_of(config.ray.use_gpus, cluster_gpus())
+    shape = None
+    if cluster.use_gpus and config.placement.check_memory:  # this node's GPUs stand for the cluster's
+        gpu_gib, host_gib = node_memory_gib()
+        cluster = cluster_of(config.ray.use_gpus, cluster.gpus, gpu_gib, host_gib)
+        shape = model_shape(config.model_path)
     plan = make_plan(config, cluster, train_size=len(data.train), records=[*data.train, *data.valid],
-                     resume_from=resume_from, stop_after=stop_after)
+                     resume_from=resume_from, stop_after=stop_after, shape=shape)
     say(f"Ray: {where}; {'GPUs' if cluster.use_gpus else 'CPUs only'}; the plan:\n{plan.describe()}")
     return plan, data
 

@@ -343,3 +343,29 @@ def test_freeze_prefixes_holds_named_parameters_and_refuses_typos(tiny_checkpoin
     assert frozen == model.model.embed_tokens.weight.numel()
     with pytest.raises(ValueError, match="'model.embed' matches no parameter"):
         freeze_prefixes(model, ("model.embed",))  # prefixes match whole name parts, not characters
+
+
+def test_offloaded_optimizer_and_host_reference_update_like_the_plain_learner(ray_local, tiny_checkpoint, experiences) -> None:
+    # learner.offload_optimizer (DeepSpeed's CPU Adam on the host partitions, compiled on first use)
+    # and learner.reference_device cpu (the reference's log-probs of every micro-batch first, in one
+    # visit) change where bytes live, not the step: the same metrics, weights and reference log-probs
+    runs = {}
+    for name, extra in (("plain", {}), ("levers", {"offload_optimizer": True, "reference_device": "cpu"})):
+        learner = group(ray_local, settings(tiny_checkpoint, micro_batch_size=2, **extra))
+        try:
+            before = dict(learner.named_weights())
+            first = learner.train_step(experiences)
+            second = learner.train_step(experiences)  # now the reference differs from the policy
+            runs[name] = (before, first, second, dict(learner.named_weights()),
+                          learner.compute_logprobs(experiences, reference=True))
+        finally:
+            learner.kill()
+    (before, p1, p2, plain, ref_plain), (_, l1, l2, levers, ref_levers) = runs["plain"], runs["levers"]
+    assert p2["kl"] > 1e-9 and l2["kl"] == pytest.approx(p2["kl"], rel=1e-4)  # against the same reference
+    for key in ("loss", "grad_norm", "logprob_mean"):
+        assert l1[key] == pytest.approx(p1[key], rel=1e-5, abs=1e-7) and l2[key] == pytest.approx(p2[key], rel=1e-4, abs=1e-7)
+    moved = max((plain[n] - before[n]).abs().max().item() for n in before)
+    diff = max((plain[n] - levers[n]).abs().max().item() for n in before)
+    assert moved > 1e-4 and diff < 1e-5 * max(1.0, moved * 100)
+    for a, b in zip(ref_plain, ref_levers, strict=True):  # the reference is the starting model in both
+        assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-6)

@@ -41,6 +41,7 @@ DIRECT: dict[str, tuple[str, str]] = {
     "ray.address": ("orchestrator/trainer.py", "config.ray.address"),
     "ray.num_cpus": ("orchestrator/trainer.py", "config.ray.num_cpus"),
     "ray.use_gpus": ("orchestrator/trainer.py", "config.ray.use_gpus"),
+    "placement.check_memory": ("orchestrator/trainer.py", "config.placement.check_memory"),
 }
 
 # values that the type alone does not suggest
@@ -100,6 +101,8 @@ def other_value(key: str, field: Any, current: Any) -> Any:
 # that do nothing): set in both the base and the changed config
 COMPANIONS: dict[str, dict[str, Any]] = {
     "learner.lora.rank": {"learner.zero_stage": 2},  # LoRA runs under ZeRO-2
+    "learner.optimizer_dtype": {"learner.dtype": "bfloat16"},  # bf16 master weights need bf16 weights
+    "learner.reference_device": {"learner.zero_stage": 2},  # the whole reference moves under ZeRO-2
     "grpo.policy_loss": {"grpo.mini_batches": 2},
     "grpo.clip_eps": {"grpo.policy_loss": "ppo_clip", "grpo.clip_eps": 0.2, "grpo.mini_batches": 2},
     "grpo.clip_eps_high": {"grpo.policy_loss": "ppo_clip", "grpo.clip_eps": 0.2, "grpo.mini_batches": 2},

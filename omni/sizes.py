@@ -1,0 +1,86 @@
+"""How large a thinker is, read from its checkpoint's config.json alone: the shape of every
+parameter, from transformers' own model class built on the meta device (no memory, no weights
+read, the same names the learner uses), and the text model's dimensions. `echoink plan`'s memory
+estimate (orchestrator/memory.py) starts from this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+TOWERS = ("audio_tower.", "visual.")  # the learner's names of the two encoders' parameters
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The thinker's parameters by learner name, and what sizes its activations."""
+
+    shapes: dict[str, tuple[int, ...]]
+    vocab: int
+    hidden: int
+    layers: int
+
+    def count(self, names: Iterable[str] | None = None) -> int:
+        """Elements of the named parameters (all by default)."""
+        chosen = self.shapes if names is None else names
+        total = 0
+        for name in chosen:
+            size = 1
+            for dim in self.shapes[name]:
+                size *= dim
+            total += size
+        return total
+
+    def under(self, prefixes: Iterable[str]) -> list[str]:
+        """The parameter names under any of ``prefixes`` (a whole name part: ``model.layers.1`` is not
+        ``model.layers.10``)."""
+        stems = [p.rstrip(".") for p in prefixes]
+        return [n for n in self.shapes if any(n == s or n.startswith(s + ".") for s in stems)]
+
+    @property
+    def parameters(self) -> int:
+        return self.count()
+
+    @property
+    def towers(self) -> int:
+        return self.count(self.under(TOWERS))
+
+    def lora_parameters(self, rank: int, targets: Iterable[str], towers: bool) -> int:
+        """Elements of rank-``rank`` adapters (A: rank × in, B: out × rank) on the linear layers whose
+        last name part is in ``targets``: the language model's, and the towers' too with ``towers``."""
+        wanted = set(targets)
+        total = 0
+        for name, shape in self.shapes.items():
+            if not name.endswith(".weight") or len(shape) != 2:
+                continue
+            layer = name[: -len(".weight")]
+            if layer.rsplit(".", 1)[-1] not in wanted or (not towers and name.startswith(TOWERS)):
+                continue
+            if name.startswith("model.embed_tokens") or name.startswith("lm_head"):
+                continue
+            total += rank * (shape[0] + shape[1])
+        return total
+
+
+def model_shape(model_path: Path) -> ModelShape:
+    """The shape of ``model_path``'s thinker (a Qwen2.5-Omni checkpoint folder or its config)."""
+    import torch
+    from transformers import AutoConfig
+    from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
+
+    from omni.quiet import quiet_default_talker_warnings
+
+    quiet_default_talker_warnings()
+    config = AutoConfig.from_pretrained(str(model_path), local_files_only=True)
+    thinker = getattr(config, "thinker_config", config)
+    with torch.device("meta"):
+        model = Thinker._from_config(thinker)
+    text = thinker.text_config
+    return ModelShape(
+        shapes={name: tuple(p.shape) for name, p in model.named_parameters()},
+        vocab=int(text.vocab_size),
+        hidden=int(text.hidden_size),
+        layers=int(text.num_hidden_layers),
+    )
