@@ -94,6 +94,7 @@ class LearnerSettings:
     top_p: float = 0.95
     max_new_tokens: int = 768
     logprob_chunk: int = 1024
+    fused_head: bool = False  # omni.head: completions through the head in chunks, no logits kept
     seed: int = 0
     media: MediaSettings = MediaSettings()
     system_prompt: str | None = None

@@ -200,6 +200,7 @@ class LearnerWorker:
             lm_head=module.lm_head,
             distribution=self.distribution,
             chunk=self.settings.logprob_chunk,
+            fused=self.settings.fused_head,
             entropy=entropy,
             entropy_grad=entropy_grad,
             sampling=sampling,

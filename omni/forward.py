@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from omni.head import head_logprobs, usable
 from omni.inputs import ModelBatch
 from omni.sampling import SamplingDistribution, sampling_token_logprobs, tempered_logits
 
@@ -80,6 +81,7 @@ def completion_logprobs(
     entropy_grad: bool = False,
     sampling: list[torch.Tensor] | None = None,
     outside: list[torch.Tensor] | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
     """log π(token) for every completion position, [B, C] float32 (0 where masked out), under the
     *tempered* ``distribution`` (its temperature alone, over the whole vocabulary; default: the
@@ -94,34 +96,64 @@ def completion_logprobs(
     bias, top-k and top-p too: what vLLM reports, ``omni.sampling``) are appended as one detached
     [B, C] tensor, and with ``outside`` the [B, C] bool tensor of the tokens that the learner's own
     truncation masks. All come from the same tempered logits, ``chunk`` positions at a time.
+    With ``fused`` (learner.fused_head) and shared prompts the completions' positions go through
+    the head in chunks without keeping their logits for the backward (`omni.head`; not with an
+    entropy bonus, nor under ZeRO-3): the same values to float noise, less memory.
     """
     dist = distribution if distribution is not None else SamplingDistribution()
     c = batch.completion_len
     head = lm_head if lm_head is not None else model.lm_head
+    targets = batch.completion_ids
+    entropies: list[torch.Tensor] | None = [] if entropy is not None else None
+    sampled: list[torch.Tensor] | None = [] if sampling is not None else None
+    masked: list[torch.Tensor] | None = [] if outside is not None else None
+    views = dict(entropy=entropies, sampling=sampled, outside=masked)
     if batch.prompt_rows is not None:
-        logits = _shared_prompt_logits(model, batch, head)
+        first, hidden = _shared_prompt_parts(model, batch, head)
+        if fused and hidden is not None and not entropy_grad and usable(head):
+            # position 0 from the prompt pass's logits, the rest through the head in chunks
+            out = torch.cat([_logprobs_of_logits(first, targets[:, :1], dist, chunk, entropy_grad, **views),
+                             head_logprobs(hidden, head, targets[:, 1:], dist, chunk=chunk, **views)], dim=1)
+            return _finish(out, batch.completion_mask, entropy, sampling, outside, views)
+        logits = first if hidden is None else torch.cat([first, head(hidden)], dim=1)
     else:
         with keep_last_positions(head, c + 1):
             logits = model(**batch.inputs, use_cache=False).logits  # [B, C + 1, V]
         logits = logits[:, :-1, :]  # position t predicts completion token t
-    out, entropies, sampled, masked = [], [], [], []
-    for start in range(0, c, chunk):
+    out = _logprobs_of_logits(logits, targets, dist, chunk, entropy_grad, **views)
+    return _finish(out, batch.completion_mask, entropy, sampling, outside, views)
+
+
+def _logprobs_of_logits(
+    logits: torch.Tensor, targets: torch.Tensor, dist: SamplingDistribution, chunk: int, entropy_grad: bool,
+    entropy: list[torch.Tensor] | None, sampling: list[torch.Tensor] | None, outside: list[torch.Tensor] | None,
+) -> torch.Tensor:
+    """Tempered log p(target) [B, T] from [B, T, V] logits, ``chunk`` positions at a time; the
+    entropy, sampling log-probs and masked targets of each chunk are appended to the lists given."""
+    out = []
+    for start in range(0, logits.shape[1], chunk):
         part = tempered_logits(logits[:, start : start + chunk, :], dist)  # float32 [B, chunk, V]
-        targets = batch.completion_ids[:, start : start + chunk]
-        token_logits = part.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        chosen = targets[:, start : start + chunk]
+        token_logits = part.gather(-1, chosen.unsqueeze(-1)).squeeze(-1)
         out.append(token_logits - torch.logsumexp(part, dim=-1))
         if entropy is not None:
-            entropies.append(_entropy(part, entropy_grad))
+            entropy.append(_entropy(part, entropy_grad))
         if sampling is not None:
-            sampled.append(sampling_token_logprobs(part, targets, dist, masked if outside is not None else None))
-    mask = batch.completion_mask
+            sampling.append(sampling_token_logprobs(part, chosen, dist, outside))
+    return torch.cat(out, dim=1)
+
+
+def _finish(out: torch.Tensor, mask: torch.Tensor, entropy: list[torch.Tensor] | None,
+            sampling: list[torch.Tensor] | None, outside: list[torch.Tensor] | None,
+            views: dict[str, list[torch.Tensor] | None]) -> torch.Tensor:
+    """The [B, C] results masked, the views' parts joined into the caller's lists."""
     if entropy is not None:
-        entropy.append(torch.cat(entropies, dim=1) * mask)
+        entropy.append(torch.cat(views["entropy"], dim=1) * mask)
     if sampling is not None:
-        sampling.append(torch.cat(sampled, dim=1) * mask)
+        sampling.append(torch.cat(views["sampling"], dim=1) * mask)
         if outside is not None:
-            outside.append(torch.cat(masked, dim=1) & (mask > 0))
-    return torch.cat(out, dim=1) * mask
+            outside.append(torch.cat(views["outside"], dim=1) & (mask > 0))
+    return out * mask
 
 
 ENTROPY_CHUNK = 128  # positions per softmax: B × 128 × V floats at a time
@@ -138,9 +170,11 @@ def _entropy(logits: torch.Tensor, grad: bool) -> torch.Tensor:
     return torch.cat(parts, dim=1)
 
 
-def _shared_prompt_logits(model: Any, batch: ModelBatch, head: torch.nn.Module) -> torch.Tensor:
-    """[B, C, V] logits predicting each completion token: the distinct prompts run once, then every
-    completion runs on its prompt's keys and values (gradients flow back into the prompt pass).
+def _shared_prompt_parts(model: Any, batch: ModelBatch, head: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The [B, 1, V] logits predicting each completion's first token (from its prompt's pass) and
+    the [B, C − 1, H] hidden states predicting the others (None for one-token completions): the
+    distinct prompts run once, then every completion runs on its prompt's keys and values
+    (gradients flow back into the prompt pass).
 
     Positions are given explicitly: the thinker's multimodal rotary positions of a prompt end at
     its last text token, and completion token t sits t + 1 past it on all three axes. Both caches
@@ -159,7 +193,7 @@ def _shared_prompt_logits(model: Any, batch: ModelBatch, head: torch.nn.Module) 
         first = model(**inputs, past_key_values=recorder, use_cache=False).logits  # [K, 1, V]
     rows = batch.prompt_rows
     if batch.completion_len == 1:
-        return first[rows]
+        return first[rows], None
     prefix = ReadOnlyPrefix([(k[rows], v[rows]) for k, v in recorder.ordered()])  # K prompts → B rows
     c = batch.completion_len
     start = positions.amax(dim=(0, 2))[rows] + 1  # [B]: as continuation_positions
@@ -178,9 +212,8 @@ def _shared_prompt_logits(model: Any, batch: ModelBatch, head: torch.nn.Module) 
         past_key_values=prefix,
         use_cache=False,
         return_dict=True,
-    ).last_hidden_state
-    rest = head(hidden)  # [B, C - 1, V]: completion token t predicts token t + 1
-    return torch.cat([first[rows], rest], dim=1)
+    ).last_hidden_state  # [B, C - 1, H]: completion token t predicts token t + 1
+    return first[rows], hidden
 
 
 class PromptRecorder(DynamicCache):

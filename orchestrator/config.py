@@ -247,6 +247,12 @@ class LearnerConfig(Section):
     resources: dict[str, float] = Field(default_factory=dict, description="custom Ray resources per rank")
     random_init: bool = Field(False, description="random weights from config.json (benchmarks; no checkpoint)")
     logprob_chunk: int = Field(1024, ge=1, description="positions per chunk of the log-softmax")
+    fused_head: bool = Field(
+        False,
+        description="completions' log-probs through the output layer in chunks, their logits not kept for the "
+        "backward (omni/head.py): the same values, less activation memory, one more head matmul a token; shared "
+        "prompts only, not with an entropy bonus or ZeRO-3. Off until measured on a GPU (issue 27)",
+    )
     max_gpu_memory_gb: float | None = Field(
         None,
         gt=0.0,

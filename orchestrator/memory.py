@@ -149,6 +149,16 @@ def estimate(config: Any, shape: ModelShape, *, colocated: bool, gpu_gib: float 
     reference = g.beta > 0 and not lora
     new = config.sampling.max_new_tokens
     per_sequence = HEAD_BYTES_PER_LOGIT * new * shape.vocab + shape.layers * (prompt_tokens(config) + new) * shape.hidden * w
+    head_chunk = 0.0
+    if lc.fused_head and lc.share_prompts and lc.zero_stage == 2 and config.grpo.entropy_coef == 0:
+        # omni.head: no logits kept, only each completion token's hidden state; a chunk's logits,
+        # probabilities and their gradient at a time (derived, not measured: issue 27)
+        per_sequence = shape.layers * (prompt_tokens(config) + new) * shape.hidden * w + new * shape.hidden * w
+        head_chunk = 3 * 4 * lc.logprob_chunk * shape.vocab
+        # plus one layer's activations, recomputed in the backward for the whole micro-batch (the
+        # measured constant of the plain path holds this; here it is counted: 3 MLP and 6 hidden widths)
+        intermediate = shape.shapes.get("model.layers.0.mlp.gate_proj.weight", (4 * shape.hidden,))[0]
+        head_chunk += lc.micro_batch_size * (prompt_tokens(config) + new) * (3 * intermediate + 6 * shape.hidden) * w
     if not lc.gradient_checkpointing:  # every layer's activations (not measured: an upper guide)
         per_sequence += 34 * shape.layers * (prompt_tokens(config) + new) * shape.hidden * w
     offload = lc.offload_optimizer
@@ -167,6 +177,8 @@ def estimate(config: Any, shape: ModelShape, *, colocated: bool, gpu_gib: float 
     activations = Item("activations", lc.micro_batch_size * per_sequence / GIB,
                        f"micro-batch {lc.micro_batch_size} × {per_sequence / GIB:.2f} GiB (head's log-softmax, checkpoints)")
     step = [*resident, activations, overhead]
+    if head_chunk:
+        step.insert(-1, Item("head chunk + a layer's recompute", head_chunk / GIB, "learner.fused_head (derived, not measured)"))
     phases = [Phase("learner GPU, learner step" + (" (engine asleep)" if colocated else ""), tuple(step))]
     if not offload:
         phases.append(Phase("learner GPU, optimizer update", (*resident, Item("gradients cast for the update", update_copy / GIB), overhead)))

@@ -138,6 +138,7 @@ def learner_settings(
         top_p=config.sampling.top_p,
         max_new_tokens=config.sampling.max_new_tokens,
         logprob_chunk=lc.logprob_chunk,
+        fused_head=lc.fused_head,
         seed=config.seed,
         media=media_settings(config),
         system_prompt=config.system_prompt,

@@ -345,12 +345,14 @@ def test_freeze_prefixes_holds_named_parameters_and_refuses_typos(tiny_checkpoin
         freeze_prefixes(model, ("model.embed",))  # prefixes match whole name parts, not characters
 
 
-def test_offloaded_optimizer_and_host_reference_update_like_the_plain_learner(ray_local, tiny_checkpoint, experiences) -> None:
-    # learner.offload_optimizer (DeepSpeed's CPU Adam on the host partitions, compiled on first use)
-    # and learner.reference_device cpu (the reference's log-probs of every micro-batch first, in one
-    # visit) change where bytes live, not the step: the same metrics, weights and reference log-probs
+def test_the_memory_levers_update_like_the_plain_learner(ray_local, tiny_checkpoint, experiences) -> None:
+    # learner.offload_optimizer (DeepSpeed's CPU Adam on the host partitions, compiled on first use),
+    # learner.reference_device cpu (the reference's log-probs of every micro-batch first, in one
+    # visit) and learner.fused_head (the head in chunks, no logits kept) change where bytes live, not
+    # the step: the same metrics, weights and reference log-probs
     runs = {}
-    for name, extra in (("plain", {}), ("levers", {"offload_optimizer": True, "reference_device": "cpu"})):
+    levers = {"offload_optimizer": True, "reference_device": "cpu", "fused_head": True}
+    for name, extra in (("plain", {}), ("levers", levers)):
         learner = group(ray_local, settings(tiny_checkpoint, micro_batch_size=2, **extra))
         try:
             before = dict(learner.named_weights())

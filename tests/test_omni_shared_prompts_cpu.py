@@ -119,3 +119,41 @@ def test_collate_shared_refuses_mismatched_lengths(setup) -> None:
     prompt = features[records[0].id]
     with pytest.raises(ValueError, match="2 prompts, 1 keys, 2 completions"):
         collate_shared([prompt, prompt], ["a"], [[1], [2]], pad_id=0, eos_ids=[1])
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "gradient-checkpointing"])
+def test_the_chunked_head_gives_the_same_logprobs_views_and_gradients(setup, checkpointing: bool) -> None:
+    """learner.fused_head: the completions go through the head in chunks and their logits are not
+    kept for the backward (omni/head.py). The loss's log-probs, the entropy, the sampling
+    distribution's log-probs and its masked targets, and every gradient equal the plain path's;
+    chunks smaller than a completion exercise the chunk seams."""
+    from omni.sampling import SamplingDistribution
+
+    model, processor, records, features = setup
+    _, shared = batch_rows(processor, records, features, seed=2)
+    dist = SamplingDistribution(temperature=0.7, top_k=50, top_p=0.9)
+    model.train()
+    if checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    results = []
+    try:
+        for fused in (False, True):
+            model.zero_grad()
+            entropy, sampling, outside = [], [], []
+            logp = completion_logprobs(model, shared, distribution=dist, chunk=4, entropy=entropy,
+                                       sampling=sampling, outside=outside, fused=fused)
+            weights = torch.linspace(-1.0, 1.0, logp.shape[0])[:, None]
+            (logp * weights).sum().backward()
+            grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+            results.append((logp.detach(), entropy[0], sampling[0], outside[0], grads))
+    finally:
+        model.gradient_checkpointing_disable()
+    (lp, ent, samp, out, grads), (lp_f, ent_f, samp_f, out_f, grads_f) = results
+    assert lp.abs().sum() > 0 and ent.abs().sum() > 0
+    torch.testing.assert_close(lp_f, lp, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(ent_f, ent, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(samp_f, samp, atol=2e-5, rtol=1e-5)
+    assert torch.equal(out_f, out)
+    assert grads.keys() == grads_f.keys() and "lm_head.weight" in grads
+    for name, grad in grads.items():
+        torch.testing.assert_close(grads_f[name], grad, atol=1e-6, rtol=1e-4, msg=name)
