@@ -24,6 +24,11 @@ preparation + forward + backward, timed like the learner's (warm-up, then the me
 what the ratio measures. The last line is learner (one copy each) / bare, step time per GPU: the
 same work on both sides (shared prompts' saving is its own row; without the unshared run, shared / bare).
 
+The second yardstick (issue 27) splits the thinker's work into what plain trainers run: a plain
+transformers Qwen2 language model of the thinker's text dimensions on the same language-model
+tokens (`plain_lm_step`, its own Ray task), and the towers alone on the same media (inside the bare
+task); the table ends its rows with learner / (plain LM + towers).
+
 MFU = model FLOPs per GPU per step / step time / the card's dense bf16 peak (989 TFLOP/s for the
 H100 and the H200, the same chip). Model FLOPs are 2·N per position forward and 4·N backward (6·N
 for training) over the positions each part of the thinker actually runs on: the vision tower on
@@ -204,13 +209,44 @@ def bare_step(settings: Any, experiences: Sequence[Any], steps: int, profile: bo
         norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
         return seconds, prepared, loss_sum, norm
 
+    def towers() -> float:
+        """Seconds of the towers alone on the step's media (one copy per completion, as the bare
+        step): each micro-batch's pictures and clips forward and backward, nothing else."""
+        model.zero_grad(set_to_none=True)
+        cache: dict[str, Any] = {}
+        batches = []
+        for micro in micro_batches:
+            for e in micro:
+                if e.record.id not in cache:
+                    prompt = prepare_prompt(e.record, processor, media=settings.media, system_prompt=settings.system_prompt)
+                    cache[e.record.id] = add_positions(model, encode_prompt(processor, prompt))
+            batches.append(collate([cache[e.record.id] for e in micro], [e.completion_ids for e in micro],
+                                   pad_id=pad_id, eos_ids=eos_ids, forbidden_ids=media_ids).to(device, float_dtype=dtype))
+        sync()
+        started = time.perf_counter()
+        for batch in batches:
+            x = batch.inputs
+            parts = []
+            if "pixel_values" in x:
+                parts += list(model.get_image_features(x["pixel_values"], x["image_grid_thw"], return_dict=True).pooler_output)
+            if "input_features" in x:
+                parts.append(model.get_audio_features(x["input_features"], x["feature_attention_mask"],
+                                                      return_dict=True).last_hidden_state)
+            if parts:
+                sum(part.float().square().mean() for part in parts).backward()
+        sync()
+        return time.perf_counter() - started
+
     one()  # warm-up
+    towers()
+    tower_runs = [towers() for _ in range(steps)]
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     runs = [one() for _ in range(steps)]
     out: dict[str, Any] = {
         "runs": [r[0] for r in runs], "inputs_s": [r[1] for r in runs], "loss": [r[2] for r in runs],
         "grad_norm": [r[3] for r in runs], "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
+        "towers_runs": tower_runs,
     }
     if profile:
         from torch.profiler import ProfilerActivity
@@ -226,6 +262,70 @@ def bare_step(settings: Any, experiences: Sequence[Any], steps: int, profile: bo
     return out
 
 
+def plain_lm_step(settings: Any, micro_batches: Sequence[Sequence[tuple[int, int]]], steps: int) -> dict[str, Any]:
+    """The language-model yardstick, in its own process with one learner rank's resources: a plain
+    transformers Qwen2 causal LM with the thinker's text dimensions (random weights from the seed,
+    the learner's dtype, attention implementation and gradient checkpointing), forward + backward
+    on the same sequences' lengths — (all tokens, completion tokens) per sequence, left-padded per
+    micro-batch — with the head on the completion positions and their cross-entropy as the loss.
+    No towers, no DeepSpeed, no RL: what a text-only trainer would run on these tokens."""
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoConfig, Qwen2Config, Qwen2ForCausalLM
+
+    from learner.model import resolve_dtype
+    from omni.forward import keep_last_positions
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
+    dtype = resolve_dtype(settings.dtype, cuda)
+    text = AutoConfig.from_pretrained(str(settings.model_path), local_files_only=True).thinker_config.text_config
+    fields = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+              "num_key_value_heads", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings")
+    head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
+    config = Qwen2Config(**{f: getattr(text, f) for f in fields}, head_dim=head_dim)
+    torch.manual_seed(settings.seed)
+    with torch.device(device):
+        model = Qwen2ForCausalLM._from_config(config, attn_implementation=settings.attn_implementation, dtype=dtype)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    model.train()
+    generator = torch.Generator().manual_seed(0)
+    batches = []
+    for micro in micro_batches:
+        width, tail = max(n for n, _ in micro), max(c for _, c in micro)
+        ids = torch.randint(0, config.vocab_size, (len(micro), width), generator=generator)
+        mask = torch.zeros(len(micro), width, dtype=torch.long)
+        scored = torch.zeros(len(micro), tail)
+        for row, (n, c) in enumerate(micro):  # left-padded: every completion ends at the last position
+            mask[row, width - n :] = 1
+            scored[row, tail - c :] = 1.0
+        batches.append((ids.to(device), mask.to(device), scored.to(device), tail))
+
+    def one() -> tuple[float, float]:
+        model.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        started, total = time.perf_counter(), 0.0
+        for ids, mask, scored, tail in batches:
+            with keep_last_positions(model.lm_head, tail + 1):
+                logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1, :]
+            nll = F.cross_entropy(logits.float().transpose(1, 2), ids[:, -tail:], reduction="none")
+            loss = (nll * scored).sum() / scored.sum().clamp(min=1.0)
+            loss.backward()
+            total += float(loss.detach())
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - started, total
+
+    one()  # warm-up
+    runs = [one() for _ in range(steps)]
+    non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
+    return {"runs": [r[0] for r in runs], "loss": [r[1] for r in runs], "non_embedding_params": non_embedding,
+            "head_params": model.lm_head.weight.numel()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout")
@@ -233,6 +333,8 @@ def main() -> None:
     parser.add_argument("--sequences-per-gpu", type=int)
     parser.add_argument("--group-size", type=int, help="G: completions per question")
     parser.add_argument("--no-unshared", action="store_true", help="skip the one-copy-per-completion learner run")
+    parser.add_argument("--fused-head", action="store_true",
+                        help="run the shared learner once more with learner.fused_head (omni/head.py): time and memory")
     parser.add_argument("--tokens", type=int, help="completion length")
     parser.add_argument("--micro-batch", type=int)
     parser.add_argument("--zero-stage", type=int, default=3, choices=(2, 3))
@@ -290,11 +392,11 @@ def main() -> None:
         for i in range(total)
     ]
 
-    def settings(share: bool) -> LearnerSettings:
+    def settings(share: bool, fused: bool = False) -> LearnerSettings:
         return LearnerSettings(
             model_path=folder, num_ranks=args.ranks, zero_stage=args.zero_stage, dtype="auto", gradient_checkpointing=True,
             micro_batch_size=args.micro_batch, lr=1e-6, beta=0.001, random_init=True,
-            max_new_tokens=args.tokens, total_steps=args.steps + 1, share_prompts=share,
+            max_new_tokens=args.tokens, total_steps=args.steps + 1, share_prompts=share, fused_head=fused,
         )
 
     # the positions each distinct prompt costs, from the processor calls the learner makes
@@ -331,15 +433,34 @@ def main() -> None:
         if not (math.isfinite(loss) and math.isfinite(norm) and norm > 0):
             problems.append(f"bare: loss {loss}, gradient norm {norm}")
     print(f"bare forward + backward: {bare['seconds']:.3f} s per step", flush=True)
+    # the plain language model on the bare step's sequences: (all LM tokens, completion tokens) each
+    from omni.inputs import completion_mask
 
-    def measure(share: bool) -> dict[str, Any]:
-        group = LearnerGroup(settings(share), [per_rank] * args.ranks)
+    lm_lengths = [[(prompts[e.record.id]["text_tokens"] + len(e.completion_ids), len(e.completion_ids)) for e in micro]
+                  for micro in chunks(bare_experiences, args.micro_batch)]
+    plain_task = ray.remote(**per_rank, max_calls=1)(plain_lm_step)
+    plain = ray.get(plain_task.remote(settings(True), lm_lengths, args.steps))
+    plain["seconds"] = common.median(plain["runs"])
+    lm_tokens = sum(n for micro in lm_lengths for n, _ in micro)
+    scored_tokens = sum(sum(completion_mask(e.completion_ids, eos_ids)) for e in bare_experiences)
+    plain["flops"] = 6.0 * (plain["non_embedding_params"] * lm_tokens + plain["head_params"] * scored_tokens)
+    bare["towers_seconds"] = common.median(bare["towers_runs"])
+    tower_params = {k: v for k, v in params.items() if k not in ("text_tokens", "scored_tokens")}
+    bare["towers_flops"] = flops(tower_params, bare_work, 6)
+    for loss in plain["loss"]:
+        if not math.isfinite(loss):
+            problems.append(f"plain LM: loss {loss}")
+    yardstick = plain["seconds"] + bare["towers_seconds"]
+    print(f"plain LM forward + backward: {plain['seconds']:.3f} s; towers alone {bare['towers_seconds']:.3f} s", flush=True)
+
+    def measure(share: bool, fused: bool = False) -> dict[str, Any]:
+        group = LearnerGroup(settings(share, fused), [per_rank] * args.ranks)
         try:
             group.train_step(experiences)  # warm-up
             runs = [group.train_step(experiences) for _ in range(args.steps)]
         finally:
             group.kill()
-        name = "shared prompts" if share else "one copy each"
+        name = ("shared prompts" if share else "one copy each") + (", fused head" if fused else "")
         for r in runs:
             if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0) \
                     or r.get("learner/step_skipped", 0) or r.get("learner/nonfinite_loss", 0):
@@ -364,13 +485,14 @@ def main() -> None:
         }
 
     shared = measure(True)
+    fused = measure(True, fused=True) if args.fused_head else None
     unshared = None if args.no_unshared else measure(False)
 
     def listed(values: Sequence[float]) -> str:
         return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
 
     if peak:  # the record keeps the numbers the table prints
-        for m in (bare, shared, unshared):
+        for m in (bare, shared, unshared, fused):
             if m is not None:
                 m["mfu"] = m["flops"] / m["seconds"] / peak
                 if "flops_with_reference" in m:
@@ -390,11 +512,20 @@ def main() -> None:
         ("bare fwd+bwd: work per GPU", f"{bare['flops'] / 1e12:.3f} TFLOP ({bare_work['text_tokens']} LM tokens, "
                                        f"tower positions {towers})  {mfu(bare['flops'], bare['seconds'])}"),
     ]
+    rows += [
+        ("plain LM fwd+bwd (the text dims)", f"{plain['seconds']:.3f} s  runs {listed(plain['runs'])}  on {lm_tokens} tokens "
+                                             f"({plain['non_embedding_params'] / 1e9:.3f} B non-embedding)  "
+                                             f"{mfu(plain['flops'], plain['seconds'])}"),
+        ("towers alone fwd+bwd (the media)", f"{bare['towers_seconds']:.3f} s  runs {listed(bare['towers_runs'])}  "
+                                             f"{mfu(bare['towers_flops'], bare['towers_seconds'])}"),
+        ("yardstick: plain LM + towers", f"{yardstick:.3f} s"),
+    ]
     if not args.cpu:
         rows.append(("bare fwd+bwd: peak memory", f"{bare['peak_gib']:.1f} GiB"))
-    extra: dict[str, Any] = {"params": total_params, "params_by_positions": dict(params), "group_size": args.group_size,
+    extra: dict[str, Any] = {"fused": fused, "plain_lm": plain, "yardstick_s": yardstick, "params": total_params, "params_by_positions": dict(params), "group_size": args.group_size,
                              "bare": bare, "shared": shared, "unshared": unshared, "problems": problems, "args": vars(args)}
-    for name, m in (("learner, shared prompts", shared), ("learner, one copy each", unshared)):
+    for name, m in (("learner, shared prompts", shared), ("learner, shared prompts, fused head", fused),
+                    ("learner, one copy each", unshared)):
         if m is None:
             continue
         rows += [
@@ -405,6 +536,10 @@ def main() -> None:
         ]
         if not args.cpu:
             rows.append((f"{name}: peak memory per GPU", f"{m['peak_gib']:.1f} GiB"))
+    learner = unshared if unshared is not None else shared
+    rows.append((f"learner ({'one copy each' if unshared is not None else 'shared prompts'}) / (plain LM + towers)",
+                 f"{learner['seconds'] / yardstick:.2f}"))
+    extra["learner_over_yardstick"] = learner["seconds"] / yardstick
     if unshared is not None:
         extra["unshared_over_bare"] = unshared["seconds"] / bare["seconds"]
     if "phases" in bare:

@@ -59,6 +59,8 @@ for stage in "$@"; do
     full7boff) run full7boff $PY benchmarks/bench_colocated.py --layout 7b --config configs/omni7b_1gpu.yaml --steps 3 \
         --tag full_offload_bf16 --set learner.lora.rank=0 --set learner.lr=1e-6 --set learner.optimizer_dtype=bfloat16 \
         --set learner.offload_optimizer=true ;;
+    learner3bfused) run learner3bfused $PY benchmarks/bench_learner.py --layout 3b --ranks 1 --zero-stage 2 \
+        --micro-batch 16 --sequences-per-gpu 32 --steps 2 --no-unshared --fused-head ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   ray stop --force > /dev/null 2>&1

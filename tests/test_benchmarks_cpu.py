@@ -5,6 +5,7 @@ its ratio last, the JSON record — and no number (a CPU says nothing about GPU 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -41,7 +42,8 @@ def test_bench_learner_prints_the_learner_over_bare_ratio(tmp_path: Path) -> Non
     table = "\n".join(lines)
     for row in ("bare fwd+bwd: step (median)", "learner, shared prompts: step (median)",
                 "learner, one copy each: step (median)", "bare, profiled step (synced phases)",
-                "towers on their media positions only"):
+                "towers on their media positions only", "plain LM fwd+bwd (the text dims)",
+                "towers alone fwd+bwd (the media)", "learner (one copy each) / (plain LM + towers)"):
         assert row in table, row
     assert re.search(r"^losses and gradients finite +yes$", table, re.M)
     (record_file,) = out.glob("learner_tiny_*.json")
@@ -49,6 +51,8 @@ def test_bench_learner_prints_the_learner_over_bare_ratio(tmp_path: Path) -> Non
     assert list(record["ratio"]) == ["learner (one copy each) / bare fwd+bwd, step time"]
     assert record["ratio"]["learner (one copy each) / bare fwd+bwd, step time"] == record["unshared_over_bare"]
     assert record["problems"] == []
+    assert record["plain_lm"]["non_embedding_params"] > 0 and all(math.isfinite(x) for x in record["plain_lm"]["loss"])
+    assert record["learner_over_yardstick"] > 0
     for path in ("bare", "shared", "unshared"):
         assert record[path]["flops"] > 0 and record[path]["seconds"] > 0
     # the shared path computes each prompt once per micro-batch: fewer language-model tokens
