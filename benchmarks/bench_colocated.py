@@ -64,7 +64,8 @@ def estimate_rows(config: object, folder: Path, med: dict[str, float]) -> list[t
 
     card = torch.cuda.get_device_properties(0).total_memory / 2**30
     plan = estimate(config, model_shape(folder), colocated=True, gpu_gib=card)
-    step = next(p for p in plan.phases if "learner step" in p.name).gib - OVERHEAD_GIB  # an allocator peak
+    # the learner's allocation peak: its step or its optimizer update, whichever needs more
+    step = max(p.gib for p in plan.phases if p.name.startswith("learner GPU") and "rollout" not in p.name) - OVERHEAD_GIB
     awake = next(p for p in plan.phases if "rollout" in p.name).gib
     med["estimate/learner_peak_gb"], med["estimate/gpu_used_awake_gb"] = step, awake
     rows = []

@@ -181,7 +181,11 @@ def estimate(config: Any, shape: ModelShape, *, colocated: bool, gpu_gib: float 
         step.insert(-1, Item("head chunk + a layer's recompute", head_chunk / GIB, "learner.fused_head (derived, not measured)"))
     phases = [Phase("learner GPU, learner step" + (" (engine asleep)" if colocated else ""), tuple(step))]
     if not offload:
-        phases.append(Phase("learner GPU, optimizer update", (*resident, Item("gradients cast for the update", update_copy / GIB), overhead)))
+        # torch's multi-tensor AdamW makes a temporary the size of its moments, all parameters at
+        # once (measured: _foreach_sqrt asked for 17.52 GiB on the 3B, RESULTS.md section 11)
+        foreach = Item("AdamW's foreach temporaries", update_copy / GIB, "one state-sized copy")
+        phases.append(Phase("learner GPU, optimizer update",
+                            (*resident, Item("gradients cast for the update", update_copy / GIB), foreach, overhead)))
     if reference and lc.reference_device == "cpu":
         phases.append(Phase("learner GPU, reference visit", (*resident, Item("reference model (visiting)", params * w / GIB), overhead)))
     engine_weights = params * 2 / GIB  # vLLM's bf16 copy of the thinker (its tensor-parallel shards summed)

@@ -59,7 +59,8 @@ def recorded(path: Path) -> tuple[RunConfig, dict]:
 def test_the_estimate_is_within_ten_percent_of_each_measured_run(shapes, path: Path) -> None:
     config, measured = recorded(path)
     plan = estimate(config, shapes["7b" if "_7b" in path.stem else "3b"], colocated=True, gpu_gib=H200_GIB)
-    step = next(p for p in plan.phases if "learner step" in p.name).gib - OVERHEAD_GIB  # an allocator's peak
+    # the learner's allocation peak: its step or its optimizer update, whichever needs more
+    step = max(p.gib for p in plan.phases if p.name.startswith("learner GPU") and "rollout" not in p.name) - OVERHEAD_GIB
     awake = next(p for p in plan.phases if "rollout" in p.name).gib
     assert step == pytest.approx(measured["memory/learner_peak_gb"], rel=0.10)
     assert awake == pytest.approx(measured["memory/gpu_used_awake_gb"], rel=0.10)
