@@ -114,6 +114,15 @@ def main() -> None:
     else:
         overrides += ["rollout.load_format=dummy", "learner.random_init=true"]
     config = load_config(None if args.cpu else args.config, overrides + args.set)
+    # the bare copy first: after train() the actors may still be releasing their GPU memory
+    from omni.sizes import model_shape
+
+    nbytes = 2 * model_shape(folder).parameters  # bf16 on GPUs
+    copy_s = bare_copy_seconds(nbytes) if not args.cpu else float("nan")
+    if not args.cpu:
+        import torch
+
+        torch.cuda.empty_cache()
     train(config, console=True)
     rows = read_metrics(out / "metrics.jsonl")
     bad = [(r["step"], k, r[k]) for r in rows for k in ("loss", "grad_norm") if not math.isfinite(float(r[k]))]
@@ -124,8 +133,8 @@ def main() -> None:
     med = {k: common.median([r[k] for r in timed if k in r]) for k in PARTS + MEMORY if any(k in r for r in timed)}
     handover = sum(med.get(k, 0.0) for k in ("timing/sleep_s", "timing/wake_s", "timing/weight_sync_s"))
     params = json.loads((out / "placement.json").read_text())["learner_ranks"][0]["parameters"]
-    nbytes = 2 * int(params) if params else 0  # bf16 on GPUs
-    copy_s = bare_copy_seconds(nbytes) if nbytes and not args.cpu else float("nan")
+    if params and 2 * int(params) != nbytes:
+        raise SystemExit(f"the learner pushes {params} parameters, the layout's shape has {nbytes // 2}")
     rows_out = [
         ("layout / step", f"{args.layout}; {config.grpo.questions_per_step} questions × {config.grpo.group_size} × "
                           f"{config.sampling.max_new_tokens} tokens; {len(timed)} timed steps (median)"),
