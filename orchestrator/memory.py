@@ -155,6 +155,8 @@ def estimate(config: Any, shape: ModelShape, *, colocated: bool, gpu_gib: float 
         # probabilities and their gradient at a time (derived, not measured: issue 27)
         per_sequence = shape.layers * (prompt_tokens(config) + new) * shape.hidden * w + new * shape.hidden * w
         head_chunk = 3 * 4 * lc.logprob_chunk * shape.vocab
+        # the head weight's gradient, summed over chunks in float32 (and a chunk's bf16 and fp32 parts)
+        head_chunk += (4 + 2 + 4) * shape.vocab * shape.hidden
         # plus one layer's activations, recomputed in the backward for the whole micro-batch (the
         # measured constant of the plain path holds this; here it is counted: 3 MLP and 6 hidden widths)
         intermediate = shape.shapes.get("model.layers.0.mlp.gate_proj.weight", (4 * shape.hidden,))[0]
