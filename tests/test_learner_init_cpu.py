@@ -100,6 +100,14 @@ def test_zero3_on_one_rank_is_warned_about_naming_the_keys() -> None:
     assert "learner.zero_stage" in warned[0] and "learner.num_ranks" in warned[0]
     assert config_warnings(load_config(None, ["learner.zero_stage=3", "learner.num_ranks=2"])) == []
     assert config_warnings(load_config(None, ["learner.zero_stage=2", "learner.num_ranks=1"])) == []
-    # the shipped configs choose their stage on purpose: none of them trips it
+    # the shipped configs choose their stage on purpose: none of them trips it. One carries a warning
+    # on purpose, and only that one: the 7B full fine-tune fits one H200 only with bf16 optimizer
+    # states, which lose most updates at its lr (its header and RESULTS.md section 10 say so)
     for path in sorted((Path(__file__).resolve().parent.parent / "configs").glob("*.yaml")):
-        assert config_warnings(load_config(path)) == [], path.name
+        warned = config_warnings(load_config(path))
+        if path.name == "omni7b_full_1gpu.yaml":
+            assert len(warned) == 1 and warned[0].startswith("learner.optimizer_dtype is bfloat16"), warned
+        else:
+            assert warned == [], path.name
+    lean = ["learner.dtype=bfloat16", "learner.optimizer_dtype=bfloat16", "learner.zero_stage=2"]
+    assert config_warnings(load_config(None, [*lean, "learner.lr=1e-3"])) == []  # updates above bf16's step
