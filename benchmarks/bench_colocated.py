@@ -60,13 +60,12 @@ def estimate_rows(config: object, folder: Path, med: dict[str, float]) -> list[t
     import torch
 
     from omni.sizes import model_shape
-    from orchestrator.memory import OVERHEAD_GIB, estimate
+    from orchestrator.memory import estimate
 
     card = torch.cuda.get_device_properties(0).total_memory / 2**30
     plan = estimate(config, model_shape(folder), colocated=True, gpu_gib=card)
-    # the learner's allocation peak: its step or its optimizer update, whichever needs more
-    step = max(p.gib for p in plan.phases if p.name.startswith("learner GPU") and "rollout" not in p.name) - OVERHEAD_GIB
-    awake = next(p for p in plan.phases if "rollout" in p.name).gib
+    step = plan.learner_peak
+    awake = plan.both_awake
     med["estimate/learner_peak_gb"], med["estimate/gpu_used_awake_gb"] = step, awake
     rows = []
     for label, guess, key in (("learner peak", step, "memory/learner_peak_gb"), ("both awake", awake, "memory/gpu_used_awake_gb")):

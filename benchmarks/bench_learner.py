@@ -235,8 +235,13 @@ def bare_step(settings: Any, experiences: Sequence[Any], steps: int, profile: bo
             if parts:
                 sum(part.float().square().mean() for part in parts).backward()
         sync()
-        return time.perf_counter() - started
+        seconds = time.perf_counter() - started
+        grads = [p.grad.float() for p in model.parameters() if p.grad is not None]
+        tower_norms.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+                           if grads else float("nan"))
+        return seconds
 
+    tower_norms: list[float] = []
     one()  # warm-up
     towers()
     tower_runs = [towers() for _ in range(steps)]
@@ -246,7 +251,7 @@ def bare_step(settings: Any, experiences: Sequence[Any], steps: int, profile: bo
     out: dict[str, Any] = {
         "runs": [r[0] for r in runs], "inputs_s": [r[1] for r in runs], "loss": [r[2] for r in runs],
         "grad_norm": [r[3] for r in runs], "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-        "towers_runs": tower_runs,
+        "towers_runs": tower_runs, "towers_grad_norm": tower_norms[1:],
     }
     if profile:
         from torch.profiler import ProfilerActivity
@@ -317,12 +322,16 @@ def plain_lm_step(settings: Any, micro_batches: Sequence[Sequence[tuple[int, int
             total += float(loss.detach())
         if cuda:
             torch.cuda.synchronize()
-        return time.perf_counter() - started, total
+        seconds = time.perf_counter() - started
+        norm = float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(p.grad.float()) for p in model.parameters() if p.grad is not None])))
+        return seconds, total, norm
 
     one()  # warm-up
     runs = [one() for _ in range(steps)]
     non_embedding = sum(p.numel() for n, p in model.named_parameters() if "embed_tokens" not in n and "lm_head" not in n)
-    return {"runs": [r[0] for r in runs], "loss": [r[1] for r in runs], "non_embedding_params": non_embedding,
+    return {"runs": [r[0] for r in runs], "loss": [r[1] for r in runs], "grad_norm": [r[2] for r in runs],
+            "non_embedding_params": non_embedding,
             "head_params": model.lm_head.weight.numel()}
 
 
@@ -447,9 +456,12 @@ def main() -> None:
     bare["towers_seconds"] = common.median(bare["towers_runs"])
     tower_params = {k: v for k, v in params.items() if k not in ("text_tokens", "scored_tokens")}
     bare["towers_flops"] = flops(tower_params, bare_work, 6)
-    for loss in plain["loss"]:
-        if not math.isfinite(loss):
-            problems.append(f"plain LM: loss {loss}")
+    for loss, norm in zip(plain["loss"], plain["grad_norm"], strict=True):
+        if not (math.isfinite(loss) and math.isfinite(norm) and norm > 0):
+            problems.append(f"plain LM: loss {loss}, gradient norm {norm}")
+    for norm in bare["towers_grad_norm"]:
+        if not (math.isfinite(norm) and norm > 0):
+            problems.append(f"towers alone: gradient norm {norm}")
     yardstick = plain["seconds"] + bare["towers_seconds"]
     print(f"plain LM forward + backward: {plain['seconds']:.3f} s; towers alone {bare['towers_seconds']:.3f} s", flush=True)
 

@@ -37,10 +37,6 @@ class HostResident:
         if pin:
             torch.cuda.empty_cache()  # the device copies' blocks, for the optimizer states that follow
 
-    @property
-    def nbytes(self) -> int:
-        return sum(host.numel() * host.element_size() for _, host in self.tensors)
-
     @contextmanager
     def on_device(self) -> Iterator[torch.nn.Module]:
         """The module with its weights on the device; back on the host (device copies freed) after."""

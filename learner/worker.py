@@ -251,11 +251,13 @@ class LearnerWorker:
         correction = resolve_correction(s.rollout_correction, s.off_policy, s.clip_eps)
         micros = [experiences[i : i + s.micro_batch_size] for i in range(0, len(experiences), s.micro_batch_size)]
         references: list[torch.Tensor] | None = None
+        built: list[ModelBatch] = []
         if self.reference_home is not None:  # one visit a step: every micro-batch's reference first
+            built = [self._batch(micro, cache) for micro in micros]  # kept for the loop below
             with self._reference_visit():
-                references = [self._reference_logprobs(self._batch(micro, cache)) for micro in micros]
+                references = [self._reference_logprobs(batch) for batch in built]
         for index, micro in enumerate(micros):
-            batch = self._batch(micro, cache)
+            batch = built[index] if built else self._batch(micro, cache)
             real = torch.tensor([1.0 if e.in_loss else 0.0 for e in micro], device=self.device)
             mask = batch.completion_mask * real.unsqueeze(1)
             advantages = torch.tensor([e.advantage for e in micro], device=self.device, dtype=torch.float32)

@@ -19,10 +19,11 @@ The estimate is held against every measured row (tests/test_memory_plan_cpu.py):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 from omni.sizes import ModelShape
+from orchestrator.config_files import apply_override
 
 GIB = 2**30
 BUCKET_ELEMENTS = 5e8  # learner.model.deepspeed_config's reduce / all-gather bucket size
@@ -61,7 +62,6 @@ class Phase:
 class MemoryPlan:
     gpu_gib: float | None  # the card's memory (--gpu-memory), None: not checked
     host_gib: float | None
-    learner: tuple[Item, ...]  # a learner rank's resident bytes on its GPU
     phases: tuple[Phase, ...]  # each GPU kind's phases (learner GPUs, engine GPUs)
     host: tuple[Item, ...]  # host memory of one node holding the run
     levers: tuple[str, ...]  # what is on
@@ -69,6 +69,17 @@ class MemoryPlan:
     @property
     def peak(self) -> Phase:
         return max(self.phases, key=lambda p: p.gib)
+
+    @property
+    def learner_peak(self) -> float:
+        """What the learner's allocator peaks at (its step or its update, whichever needs more): the
+        learner phases without the overhead, comparable to ``memory/learner_peak_gb``."""
+        return max(p.gib for p in self.phases if p.name.startswith("learner GPU") and "rollout" not in p.name) - OVERHEAD_GIB
+
+    @property
+    def both_awake(self) -> float | None:
+        """A colocated GPU's memory while the engine generates (``memory/gpu_used_awake_gb``)."""
+        return next((p.gib for p in self.phases if "rollout" in p.name), None)
 
     @property
     def host_total(self) -> float:
@@ -210,10 +221,10 @@ def estimate(config: Any, shape: ModelShape, *, colocated: bool, gpu_gib: float 
         (f"LoRA rank {lc.lora.rank}", lora), ("ZeRO-Offload", offload), ("bf16 optimizer states", lc.optimizer_dtype == "bfloat16"),
         ("reference on the host", reference and lc.reference_device == "cpu"), ("ZeRO-3", zero3),
         ("gradient checkpointing", lc.gradient_checkpointing)) if on)
-    return MemoryPlan(gpu_gib, host_gib, tuple(resident), tuple(phases), tuple(host), levers)
+    return MemoryPlan(gpu_gib, host_gib, tuple(phases), tuple(host), levers)
 
 
-# levers tried, one at a time and then together, for a config that does not fit: (key, value, when)
+# levers tried, one at a time and then together, for a config that does not fit: (key, value)
 def _levers(config: Any) -> list[tuple[str, Any]]:
     lc = config.learner
     out: list[tuple[str, Any]] = []
@@ -233,18 +244,10 @@ def _levers(config: Any) -> list[tuple[str, Any]]:
 
 
 def _with(config: Any, key: str, value: Any) -> Any:
-    section, *rest = key.split(".")
-    if rest[0] == "lora":
-        lora = replace_model(config.learner.lora, rank=value)
-        return replace_model(config, learner=replace_model(config.learner, lora=lora))
-    return replace_model(config, **{section: replace_model(getattr(config, section), **{rest[0]: value})})
-
-
-def replace_model(model: Any, **changes: Any) -> Any:
-    """A pydantic model (or dataclass) with ``changes``, validated again."""
-    if hasattr(model, "model_validate"):
-        return type(model).model_validate({**model.model_dump(mode="python"), **changes})
-    return replace(model, **changes)
+    """``config`` with ``key`` set to ``value``, validated again: the path of ``--set``."""
+    tree = config.model_dump(mode="python")
+    apply_override(tree, f"{key}={value}")
+    return type(config).model_validate(tree)
 
 
 def lever_that_fits(config: Any, shape: ModelShape, *, colocated: bool, gpu_gib: float | None,

@@ -17,7 +17,7 @@ import pytest
 from omni.fixtures.tiny import LAYOUTS, build_tiny_checkpoint
 from omni.sizes import model_shape
 from orchestrator.config import RunConfig, load_config
-from orchestrator.memory import OVERHEAD_GIB, check_fits, estimate
+from orchestrator.memory import check_fits, estimate
 
 REPO = Path(__file__).resolve().parent.parent
 RECORDS = sorted(p for p in (REPO / "benchmarks" / "records").glob("colocated_*.json") if "config" in json.loads(p.read_text()))
@@ -59,9 +59,8 @@ def recorded(path: Path) -> tuple[RunConfig, dict]:
 def test_the_estimate_is_within_ten_percent_of_each_measured_run(shapes, path: Path) -> None:
     config, measured = recorded(path)
     plan = estimate(config, shapes["7b" if "_7b" in path.stem else "3b"], colocated=True, gpu_gib=H200_GIB)
-    # the learner's allocation peak: its step or its optimizer update, whichever needs more
-    step = max(p.gib for p in plan.phases if p.name.startswith("learner GPU") and "rollout" not in p.name) - OVERHEAD_GIB
-    awake = next(p for p in plan.phases if "rollout" in p.name).gib
+    step = plan.learner_peak
+    awake = plan.both_awake
     assert step == pytest.approx(measured["memory/learner_peak_gb"], rel=0.10)
     assert awake == pytest.approx(measured["memory/gpu_used_awake_gb"], rel=0.10)
     if "memory/host_used_gb" in measured:
