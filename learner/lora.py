@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from learner.types import LoraSettings
+from omni.sizes import LANGUAGE_MODEL, lora_target
 
-LANGUAGE_MODEL = "model.layers."  # the thinker's decoder layers; the towers are audio_tower.*, visual.*
 ADAPTER_DIR = "adapter"  # in a checkpoint folder
 ADAPTER = "default"  # peft's adapter name; one adapter per run
 
@@ -39,7 +39,7 @@ def target_modules(model: torch.nn.Module, settings: LoraSettings) -> list[str]:
     name that matches no linear layer is a typo, not a no-op: it fails naming the ones there are."""
     linear = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
     allowed = [n for n in linear if settings.towers or n.startswith(LANGUAGE_MODEL)]
-    chosen = [n for n in allowed if n.rsplit(".", 1)[-1] in settings.targets]
+    chosen = [n for n in allowed if lora_target(n, settings.targets, settings.towers)]  # the count of echoink plan too
     present = {n.rsplit(".", 1)[-1] for n in allowed}
     missing = sorted(set(settings.targets) - present)
     if missing:

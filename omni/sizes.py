@@ -11,6 +11,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 TOWERS = ("audio_tower.", "visual.")  # the learner's names of the two encoders' parameters
+LANGUAGE_MODEL = "model.layers."  # the thinker's decoder layers
+
+
+def lora_target(layer: str, targets: Iterable[str], towers: bool) -> bool:
+    """Whether the linear layer named ``layer`` gets LoRA adapters (learner.lora): its last name part
+    is a target, and it is a decoder layer's (or, with ``towers``, anywhere)."""
+    return (towers or layer.startswith(LANGUAGE_MODEL)) and layer.rsplit(".", 1)[-1] in set(targets)
 
 
 @dataclass(frozen=True)
@@ -51,17 +58,8 @@ class ModelShape:
         """Elements of rank-``rank`` adapters (A: rank × in, B: out × rank) on the linear layers whose
         last name part is in ``targets``: the language model's, and the towers' too with ``towers``."""
         wanted = set(targets)
-        total = 0
-        for name, shape in self.shapes.items():
-            if not name.endswith(".weight") or len(shape) != 2:
-                continue
-            layer = name[: -len(".weight")]
-            if layer.rsplit(".", 1)[-1] not in wanted or (not towers and name.startswith(TOWERS)):
-                continue
-            if name.startswith("model.embed_tokens") or name.startswith("lm_head"):
-                continue
-            total += rank * (shape[0] + shape[1])
-        return total
+        return sum(rank * (shape[0] + shape[1]) for name, shape in self.shapes.items()
+                   if name.endswith(".weight") and len(shape) == 2 and lora_target(name[: -len(".weight")], wanted, towers))
 
 
 def model_shape(model_path: Path) -> ModelShape:
