@@ -51,6 +51,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -241,8 +242,22 @@ def bare_step(settings: Any, experiences: Sequence[Any], steps: int, profile: bo
                            if grads else float("nan"))
         return seconds
 
+    from omni.tower_attention import use_varlen_towers
+
+    def tower_mode(mode: str) -> None:
+        if mode == "varlen":
+            use_varlen_towers(model)
+        else:  # transformers' own call per window
+            for tower in (model.audio_tower, model.visual):
+                tower.config._attn_implementation = settings.attn_implementation
+
     tower_norms: list[float] = []
     one()  # warm-up
+    other = "per_window" if settings.tower_attention == "varlen" else "varlen"
+    tower_mode(other)  # the other way of the towers' attention, for the before/after row
+    towers()
+    other_runs = [towers() for _ in range(steps)]
+    tower_mode(settings.tower_attention)
     towers()
     tower_runs = [towers() for _ in range(steps)]
     if cuda:
@@ -251,7 +266,8 @@ def bare_step(settings: Any, experiences: Sequence[Any], steps: int, profile: bo
     out: dict[str, Any] = {
         "runs": [r[0] for r in runs], "inputs_s": [r[1] for r in runs], "loss": [r[2] for r in runs],
         "grad_norm": [r[3] for r in runs], "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0,
-        "towers_runs": tower_runs, "towers_grad_norm": tower_norms[1:],
+        "towers_runs": tower_runs, "towers_grad_norm": tower_norms[1:], "towers_mode": settings.tower_attention,
+        "towers_other_mode": other, "towers_other_runs": other_runs,
     }
     if profile:
         from torch.profiler import ProfilerActivity
@@ -335,6 +351,20 @@ def plain_lm_step(settings: Any, micro_batches: Sequence[Sequence[tuple[int, int
             "head_params": model.lm_head.weight.numel()}
 
 
+def parse_arm(text: str) -> dict[str, Any]:
+    """``key=value,key=value`` → learner settings to change (true/false, numbers, or words)."""
+    out: dict[str, Any] = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SystemExit(f"--arm {text!r}: expected KEY=VALUE[,KEY=VALUE], got {item!r}")
+        word = value.strip()
+        lowered = word.lower()
+        out[key.strip()] = (lowered == "true" if lowered in ("true", "false")
+                            else int(word) if word.lstrip("-").isdigit() else word)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layout")
@@ -342,8 +372,11 @@ def main() -> None:
     parser.add_argument("--sequences-per-gpu", type=int)
     parser.add_argument("--group-size", type=int, help="G: completions per question")
     parser.add_argument("--no-unshared", action="store_true", help="skip the one-copy-per-completion learner run")
-    parser.add_argument("--fused-head", action="store_true",
-                        help="run the shared learner once more with learner.fused_head (omni/head.py): time and memory")
+    parser.add_argument("--arm", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                        help="run the shared learner once more with these learner settings (before/after in one run), "
+                             "e.g. --arm tower_attention=per_window --arm fused_head=true; repeatable")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="after each learner run's timed steps, one clocked step: its time by phase (learner.phases)")
     parser.add_argument("--tokens", type=int, help="completion length")
     parser.add_argument("--micro-batch", type=int)
     parser.add_argument("--zero-stage", type=int, default=3, choices=(2, 3))
@@ -401,12 +434,16 @@ def main() -> None:
         for i in range(total)
     ]
 
-    def settings(share: bool, fused: bool = False) -> LearnerSettings:
-        return LearnerSettings(
+    def settings(share: bool, changes: dict[str, Any] | None = None) -> LearnerSettings:
+        return replace(LearnerSettings(
             model_path=folder, num_ranks=args.ranks, zero_stage=args.zero_stage, dtype="auto", gradient_checkpointing=True,
             micro_batch_size=args.micro_batch, lr=1e-6, beta=0.001, random_init=True,
-            max_new_tokens=args.tokens, total_steps=args.steps + 1, share_prompts=share, fused_head=fused,
-        )
+            max_new_tokens=args.tokens, total_steps=args.steps + 2, share_prompts=share,
+        ), **(changes or {}))
+
+    arms = [parse_arm(text) for text in args.arm]
+    for arm in arms:
+        settings(True, arm)  # an unknown key fails here, before anything runs
 
     # the positions each distinct prompt costs, from the processor calls the learner makes
     media = settings(True).media
@@ -465,14 +502,17 @@ def main() -> None:
     yardstick = plain["seconds"] + bare["towers_seconds"]
     print(f"plain LM forward + backward: {plain['seconds']:.3f} s; towers alone {bare['towers_seconds']:.3f} s", flush=True)
 
-    def measure(share: bool, fused: bool = False) -> dict[str, Any]:
-        group = LearnerGroup(settings(share, fused), [per_rank] * args.ranks)
+    def measure(share: bool, changes: dict[str, Any] | None = None) -> dict[str, Any]:
+        group = LearnerGroup(settings(share, changes), [per_rank] * args.ranks)
+        clocked = None
         try:
             group.train_step(experiences)  # warm-up
             runs = [group.train_step(experiences) for _ in range(args.steps)]
+            if args.breakdown:
+                clocked = group.clocked_step(experiences)
         finally:
             group.kill()
-        name = ("shared prompts" if share else "one copy each") + (", fused head" if fused else "")
+        name = ("shared prompts" if share else "one copy each") + "".join(f", {k}={v}" for k, v in (changes or {}).items())
         for r in runs:
             if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0) \
                     or r.get("learner/step_skipped", 0) or r.get("learner/nonfinite_loss", 0):
@@ -493,18 +533,34 @@ def main() -> None:
             "seconds": seconds, "runs": [r["timing/learn_s"] for r in runs], "input_tokens": runs[-1]["learner/input_tokens"],
             "flops": flops(params, per_gpu, 6), "flops_with_reference": flops(params, per_gpu, 8),
             "positions_per_gpu": dict(per_gpu), "loss": [r["loss"] for r in runs], "grad_norm": [r["grad_norm"] for r in runs],
-            "peak_gib": max(r.get("memory/learner_peak_gb", 0.0) for r in runs),
+            "peak_gib": max(r.get("memory/learner_peak_gb", 0.0) for r in runs), "name": name,
+            "phases": clocked["phases"] if clocked else None,
+            "clocked_s": clocked["metrics"]["timing/learn_s"] if clocked else None,
         }
 
+    failed: list[tuple[str, str]] = []
+
+    def attempt(share: bool, changes: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        """An arm or the one-copy-each run that fails (out of memory, say) is a row, not the end of
+        the run: the other arms' numbers still come back."""
+        try:
+            return measure(share, changes)
+        except Exception as error:  # noqa: BLE001 (reported in the table and the record)
+            name = ("shared prompts" if share else "one copy each") + "".join(f", {k}={v}" for k, v in (changes or {}).items())
+            words = " ".join(str(error).split())
+            failed.append((name, words[-400:]))
+            print(f"learner, {name}: failed: {words[-400:]}", flush=True)
+            return None
+
     shared = measure(True)
-    fused = measure(True, fused=True) if args.fused_head else None
-    unshared = None if args.no_unshared else measure(False)
+    armed = [m for m in (attempt(True, arm) for arm in arms) if m is not None]
+    unshared = None if args.no_unshared else attempt(False)
 
     def listed(values: Sequence[float]) -> str:
         return "[" + ", ".join(f"{v:.3f}" for v in values) + "]"
 
     if peak:  # the record keeps the numbers the table prints
-        for m in (bare, shared, unshared, fused):
+        for m in (bare, shared, unshared, *armed):
             if m is not None:
                 m["mfu"] = m["flops"] / m["seconds"] / peak
                 if "flops_with_reference" in m:
@@ -528,18 +584,21 @@ def main() -> None:
         ("plain LM fwd+bwd (the text dims)", f"{plain['seconds']:.3f} s  runs {listed(plain['runs'])}  on {lm_tokens} tokens "
                                              f"({plain['non_embedding_params'] / 1e9:.3f} B non-embedding)  "
                                              f"{mfu(plain['flops'], plain['seconds'])}"),
-        ("towers alone fwd+bwd (the media)", f"{bare['towers_seconds']:.3f} s  runs {listed(bare['towers_runs'])}  "
+        (f"towers alone fwd+bwd (the media), tower_attention={bare['towers_mode']}", f"{bare['towers_seconds']:.3f} s  runs {listed(bare['towers_runs'])}  "
                                              f"{mfu(bare['towers_flops'], bare['towers_seconds'])}"),
+        (f"towers alone, tower_attention={bare['towers_other_mode']}", f"{common.median(bare['towers_other_runs']):.3f} s  "
+                                             f"runs {listed(bare['towers_other_runs'])}  "
+                                             f"{mfu(bare['towers_flops'], common.median(bare['towers_other_runs']))}"),
         ("yardstick: plain LM + towers", f"{yardstick:.3f} s"),
     ]
     if not args.cpu:
         rows.append(("bare fwd+bwd: peak memory", f"{bare['peak_gib']:.1f} GiB"))
-    extra: dict[str, Any] = {"fused": fused, "plain_lm": plain, "yardstick_s": yardstick, "params": total_params, "params_by_positions": dict(params), "group_size": args.group_size,
+    extra: dict[str, Any] = {"arms": armed, "plain_lm": plain, "yardstick_s": yardstick, "params": total_params, "params_by_positions": dict(params), "group_size": args.group_size,
                              "bare": bare, "shared": shared, "unshared": unshared, "problems": problems, "args": vars(args)}
-    for name, m in (("learner, shared prompts", shared), ("learner, shared prompts, fused head", fused),
-                    ("learner, one copy each", unshared)):
+    for m in (shared, *armed, unshared):
         if m is None:
             continue
+        name = "learner, " + m["name"]
         rows += [
             (f"{name}: step (median)", f"{m['seconds']:.3f} s  runs {listed(m['runs'])}  = {m['seconds'] / bare['seconds']:.2f} × bare"),
             (f"{name}: work per GPU", f"{m['flops'] / 1e12:.3f} TFLOP, {m['input_tokens'] / args.ranks:,.0f} LM tokens  "
@@ -548,8 +607,14 @@ def main() -> None:
         ]
         if not args.cpu:
             rows.append((f"{name}: peak memory per GPU", f"{m['peak_gib']:.1f} GiB"))
+        if m["phases"]:
+            step = sum(m["phases"].values())
+            rows.append((f"{name}: clocked step, {m['clocked_s']:.3f} s (synced phases)", ", ".join(
+                f"{k} {v:.3f} s ({v / step:.0%})" for k, v in m["phases"].items())))
     # the same work on both sides: the yardstick runs one copy per completion, as the unshared
     # learner does (the shared learner runs each question's prompt and media once per micro-batch)
+    rows += [(f"learner, {name}: FAILED", words) for name, words in failed]
+    extra["failed"] = failed
     if unshared is not None:
         rows.append(("learner (one copy each) / (plain LM + towers)", f"{unshared['seconds'] / yardstick:.2f}"))
         extra["learner_over_yardstick"] = unshared["seconds"] / yardstick

@@ -5,7 +5,8 @@
 # learner7b, learner2b, async, colocated3b, colocated7b, everyinput, and "what fits" (RESULTS.md
 # section 9): full3b, lora3b, lora7b, lora3b80, lora7b80 (80 GB simulated: the learner capped
 # at 76 GiB, the engine's share scaled to the same bytes as on an 80 GB card); the full fine-tune's
-# levers (section 10): cpuadam (DeepSpeed's CPU Adam builds), full3b80off, full7blean, full7boff. Logs and JSON records go to $OUT; a short table is printed last.
+# levers (section 10): cpuadam (DeepSpeed's CPU Adam builds), full3b80off, full7blean, full7boff; learner speed (section 11): learner3b (the yardstick, the breakdown and before/after arms),
+# rollout7bhf (bare vLLM, ours and transformers generate). Logs and JSON records go to $OUT; a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/echoink-out} PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
@@ -60,7 +61,13 @@ for stage in "$@"; do
         --tag full_offload_bf16 --set learner.lora.rank=0 --set learner.lr=1e-6 --set learner.optimizer_dtype=bfloat16 \
         --set learner.offload_optimizer=true ;;
     learner3bfused) run learner3bfused $PY benchmarks/bench_learner.py --layout 3b --ranks 1 --zero-stage 2 \
-        --micro-batch 16 --sequences-per-gpu 32 --steps 2 --no-unshared --fused-head ;;
+        --micro-batch 16 --sequences-per-gpu 32 --steps 2 --no-unshared --arm fused_head=true ;;
+    learner3b) run learner3b $PY benchmarks/bench_learner.py --layout 3b --ranks 1 --zero-stage 2 \
+        --micro-batch 16 --sequences-per-gpu 32 --steps 2 --breakdown \
+        --arm tower_attention=per_window ;;
+    learner3bhead) run learner3bhead $PY benchmarks/bench_learner.py --layout 3b --ranks 1 --zero-stage 2 \
+        --micro-batch 16 --sequences-per-gpu 32 --steps 2 --no-unshared --arm fused_head=true ;;
+    rollout7bhf) run rollout7bhf $PY benchmarks/bench_rollout.py --layout 7b --repeats 2 --hf-questions 1 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   ray stop --force > /dev/null 2>&1

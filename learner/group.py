@@ -147,6 +147,15 @@ class LearnerGroup:
         parts = gather([w.train_step.remote(s, norm) for w, s in zip(self.workers, shards, strict=True)], "a train step")
         return combine(parts)
 
+    def clocked_step(self, experiences: Sequence[Experience]) -> dict[str, Any]:
+        """One optimizer update on ``experiences`` with each rank's time split by phase
+        (``LearnerWorker.clocked_step``, learner.phases: a diagnostic, slower than a plain step):
+        {"metrics": the step's metrics, "phases": rank 0's seconds per phase}."""
+        norm = self._norm(experiences)
+        shards = shard(experiences, len(self.workers), keep_prompts=self.settings.share_prompts)
+        parts = gather([w.clocked_step.remote(s, norm) for w, s in zip(self.workers, shards, strict=True)], "a clocked step")
+        return {"metrics": combine([p["metrics"] for p in parts]), "phases": parts[0]["phases"]}
+
     def compute_logprobs(
         self, experiences: Sequence[Experience], reference: bool = False, sampling: bool = False
     ) -> list[list[float]]:

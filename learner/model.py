@@ -17,6 +17,7 @@ import torch
 from learner.schedule import lr_multiplier
 from learner.types import LearnerSettings
 from omni.names import require_safetensors, to_learner_name, to_vllm_name
+from omni.tower_attention import use_varlen_towers
 
 
 def resolve_dtype(dtype: str, cuda: bool) -> torch.dtype:
@@ -71,6 +72,9 @@ def deepspeed_config(settings: LearnerSettings, *, dtype: torch.dtype, cuda: boo
                 # torch's on host tensors is several times slower), compiled on first use
                 "torch_adam": not s.offload_optimizer,
                 "adam_w_mode": True,
+                # torch's fused kernel: its multi-tensor (foreach) AdamW makes a temporary the size
+                # of the moments at each update (17.5 GiB on the 3B layout, RESULTS.md section 11)
+                **({"fused": True} if s.fused_optimizer and cuda and not s.offload_optimizer else {}),
             },
         },
         "steps_per_print": 10**9,
@@ -90,13 +94,14 @@ def build_thinker(settings: LearnerSettings, device: torch.device, dtype: torch.
     from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
 
     if not settings.random_init:
-        return Thinker.from_pretrained(
+        model = Thinker.from_pretrained(
             str(settings.model_path),
             dtype=dtype,
             attn_implementation=settings.attn_implementation,
             local_files_only=True,
             use_safetensors=True,  # never unpickle weights
         )
+        return set_tower_attention(model, settings)
     config = AutoConfig.from_pretrained(str(settings.model_path), local_files_only=True)
     thinker_config = getattr(config, "thinker_config", config)
     # the same seed for the policy and the reference (they start equal, as from a checkpoint);
@@ -104,7 +109,16 @@ def build_thinker(settings: LearnerSettings, device: torch.device, dtype: torch.
     # the device's generator is what every path draws from
     torch.manual_seed(settings.seed)
     with torch.device(device):
-        return Thinker._from_config(thinker_config, attn_implementation=settings.attn_implementation, dtype=dtype)
+        model = Thinker._from_config(thinker_config, attn_implementation=settings.attn_implementation, dtype=dtype)
+    return set_tower_attention(model, settings)
+
+
+def set_tower_attention(model: torch.nn.Module, settings: LearnerSettings) -> torch.nn.Module:
+    """The towers' attention as ``learner.tower_attention`` says: one variable-length call per layer
+    (omni.tower_attention) or transformers' own call per window."""
+    if settings.tower_attention == "varlen":
+        use_varlen_towers(model)
+    return model
 
 
 def scatter_zero3(model: torch.nn.Module, whole: torch.nn.Module | None, rank: int) -> None:
@@ -190,6 +204,7 @@ def build_model(
         # dtype on accelerators without fp16 (the CPU).
         with deepspeed.zero.Init(config_dict_or_path=config), no_init_weights():
             model = Thinker._from_config(thinker_config, attn_implementation=s.attn_implementation, dtype=dtype)
+        set_tower_attention(model, s)
         if s.random_init:
             scatter_zero3(model, drawn, rank)
             del drawn

@@ -95,6 +95,8 @@ class LearnerSettings:
     max_new_tokens: int = 768
     logprob_chunk: int = 1024
     fused_head: bool = False  # omni.head: completions through the head in chunks, no logits kept
+    tower_attention: str = "varlen"  # varlen: one call per tower layer (omni.tower_attention) | per_window
+    fused_optimizer: bool = True  # torch's fused AdamW kernel on GPUs (no state-sized temporaries)
     seed: int = 0
     media: MediaSettings = MediaSettings()
     system_prompt: str | None = None

@@ -45,6 +45,7 @@ from learner.model import (
     resolve_dtype,
 )
 from learner.offload import HostResident
+from learner.phases import NullClock, PhaseClock
 from learner.types import Experience, LearnerSettings
 from omni.fixtures.failpoints import failpoint
 from omni.forward import completion_logprobs, unused_tower_term
@@ -153,6 +154,7 @@ class LearnerWorker:
             else None
         )
         self.engine, self.optimizer, self.scheduler = build_engine(s, model, config)
+        self.clock: NullClock = NullClock()  # a PhaseClock for one clocked step (clocked_step)
         self._progress(f"DeepSpeed ZeRO-{s.zero_stage} engine ready ({time.perf_counter() - started:.0f} s)")
         self.processor = load_processor(s.model_path)
         self._batch = BatchBuilder(self.processor, self.engine.module, s, self.device, self.dtype)
@@ -252,10 +254,14 @@ class LearnerWorker:
         micros = [experiences[i : i + s.micro_batch_size] for i in range(0, len(experiences), s.micro_batch_size)]
         references: list[torch.Tensor] | None = None
         built: list[ModelBatch] = []
+        clock = self.clock
+        clock.lap("step start (memory statistics, schedule)")
         if self.reference_home is not None:  # one visit a step: every micro-batch's reference first
             built = [self._batch(micro, cache) for micro in micros]  # kept for the loop below
-            with self._reference_visit():
+            clock.lap("inputs (processor, collation, copies to the device)")
+            with self._reference_visit(), clock.scope("reference"):
                 references = [self._reference_logprobs(batch) for batch in built]
+                clock.lap("visit and forward")
         for index, micro in enumerate(micros):
             batch = built[index] if built else self._batch(micro, cache)
             real = torch.tensor([1.0 if e.in_loss else 0.0 for e in micro], device=self.device)
@@ -277,11 +283,15 @@ class LearnerWorker:
             truncated: list[torch.Tensor] = []
             outside: list[torch.Tensor] = []
             compare = sampled is not None  # nothing to compare without sampler log-probs
+            clock.lap("inputs (processor, collation, copies to the device)")
             # the reference first: under LoRA it is the policy's own forward with the adapters off
-            ref_logp = (
-                references[index] if references is not None
-                else self._reference_logprobs(batch) if self.has_reference else None
-            )
+            with clock.scope("reference"):
+                ref_logp = (
+                    references[index] if references is not None
+                    else self._reference_logprobs(batch) if self.has_reference else None
+                )
+                if ref_logp is not None:
+                    clock.lap("forward and log-probs")
             logp = self._logprobs(
                 self.engine,
                 batch,
@@ -290,6 +300,7 @@ class LearnerWorker:
                 sampling=truncated if compare else None,
                 outside=outside if compare else None,
             )
+            clock.lap("policy log-probs (log-softmax, entropy, sampling view)")
             old_logp = logp.detach()
             if micro[0].old_logprobs is not None:  # a later pass over the batch: the first pass's policy
                 old_logp = _rows(torch.zeros_like(logp), [e.old_logprobs for e in micro])
@@ -327,7 +338,9 @@ class LearnerWorker:
             if not torch.isfinite(loss):
                 parts["learner/nonfinite_loss"] += 1.0
             # DeepSpeed averages gradients over ranks; the shares already sum to the batch loss
+            clock.lap("loss (GRPO math, corrections)")
             self.engine.backward(loss * self.world_size, scale_wrt_gas=False)
+            clock.lap("backward (with the checkpointed layers' recompute, gradient reduction)")
             tokens = float(mask.sum())
             parts["loss"] += float(loss.detach())
             parts["learner/tokens"] += tokens
@@ -342,8 +355,10 @@ class LearnerWorker:
             if sampled is not None:
                 for name, value in mismatch_parts(truncated[0], sampled, mask, is_weights, outside[0]).items():
                     parts[name] += value
+            clock.lap("metrics (host reads)")
         skipped_before = self.engine.skipped_steps
         self.engine.step()  # DeepSpeed skips the update (and clears the gradients) on a non-finite norm
+        clock.lap("optimizer step (clipping, update, schedule)")
         parts["learner/step_skipped"] = float(self.engine.skipped_steps - skipped_before)
         grad_norm = self.engine.get_global_grad_norm()
         self.steps_done += 1
@@ -357,7 +372,26 @@ class LearnerWorker:
             if s.release_memory:  # a colocated engine wakes into what the step's activations held
                 torch.cuda.empty_cache()
         parts["timing/learn_s"] = time.perf_counter() - started
+        clock.lap("step end (memory statistics)")
         return dict(parts)
+
+    def clocked_step(self, experiences: Sequence[Experience], norm: LossNorm) -> dict[str, Any]:
+        """One :meth:`train_step` (a real update) with its time split by phase (learner.phases):
+        {"metrics": the step's parts, "phases": seconds per phase}. Every boundary syncs the device,
+        so it is slower than a plain step: a diagnostic, run apart from timed steps."""
+        clock = PhaseClock(self.device)
+        for model in (self.engine, self.reference):
+            if model is not None:
+                thinker = getattr(model, "module", model)
+                thinker = thinker.get_base_model() if hasattr(thinker, "get_base_model") else thinker
+                clock.watch_thinker(thinker)
+        self.clock = clock
+        try:
+            metrics = self.train_step(experiences, norm)
+        finally:
+            self.clock = NullClock()
+            phases = clock.close()
+        return {"metrics": metrics, "phases": phases}
 
     @torch.no_grad()
     def compute_logprobs(

@@ -253,6 +253,18 @@ class LearnerConfig(Section):
         "backward (omni/head.py): the same values, less activation memory, one more head matmul a token; shared "
         "prompts only, not with an entropy bonus or ZeRO-3. Off until measured on a GPU (issue 27)",
     )
+    tower_attention: Literal["varlen", "per_window"] = Field(
+        "varlen",
+        description="the audio and vision towers' windowed attention: varlen, one call per layer over all windows "
+        "(FlashAttention's varlen kernel on GPUs, a block-diagonal mask elsewhere; omni/tower_attention.py), or "
+        "per_window, transformers' own call per window (a 448-px picture has 16 windows, a 10-s clip 10 chunks)",
+    )
+    fused_optimizer: bool = Field(
+        True,
+        description="torch's fused AdamW kernel on GPUs (one kernel, no temporaries); false: its multi-tensor "
+        "(foreach) AdamW, which makes a temporary the size of the moments at each update. Not used under "
+        "learner.offload_optimizer (DeepSpeed's CPU Adam) nor on CPUs",
+    )
     max_gpu_memory_gb: float | None = Field(
         None,
         gt=0.0,

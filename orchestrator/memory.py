@@ -195,8 +195,10 @@ def estimate(config: Any, shape: ModelShape, *, colocated: bool, gpu_gib: float 
     phases = [Phase("learner GPU, learner step" + (" (engine asleep)" if colocated else ""), tuple(step))]
     if not offload:
         # torch's multi-tensor AdamW makes a temporary the size of its moments, all parameters at
-        # once (measured: _foreach_sqrt asked for 17.52 GiB on the 3B, RESULTS.md section 11)
-        foreach = Item("AdamW's foreach temporaries", update_copy / GIB, "one state-sized copy")
+        # once (measured: _foreach_sqrt asked for 17.52 GiB on the 3B, RESULTS.md section 11); the
+        # fused kernel (learner.fused_optimizer, the default) makes none
+        foreach = Item("AdamW's foreach temporaries", 0.0 if lc.fused_optimizer else update_copy / GIB,
+                       "none: the fused kernel" if lc.fused_optimizer else "one state-sized copy")
         phases.append(Phase("learner GPU, optimizer update",
                             (*resident, Item("gradients cast for the update", update_copy / GIB), foreach, overhead)))
     if reference and lc.reference_device == "cpu":

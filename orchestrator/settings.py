@@ -139,6 +139,8 @@ def learner_settings(
         max_new_tokens=config.sampling.max_new_tokens,
         logprob_chunk=lc.logprob_chunk,
         fused_head=lc.fused_head,
+        tower_attention=lc.tower_attention,
+        fused_optimizer=lc.fused_optimizer,
         seed=config.seed,
         media=media_settings(config),
         system_prompt=config.system_prompt,

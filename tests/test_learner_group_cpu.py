@@ -203,6 +203,17 @@ def test_advantage_sign_moves_logprob(ray_local, tiny_checkpoint, experiences) -
         assert metrics["kl"] == 0.0 and metrics["learner/tokens"] == len(pos.completion_ids) + len(neg.completion_ids)
         assert after[0] > before[0] + 1e-3
         assert after[1] < before[1] - 1e-3
+        # a clocked step (learner.phases, benchmarks' --breakdown): a real update, its time by phase
+        clocked = g.clocked_step([pos, neg])
+        phases, seconds = clocked["phases"], clocked["metrics"]["timing/learn_s"]
+        assert math.isfinite(clocked["metrics"]["loss"]) and clocked["metrics"]["learner/tokens"] == metrics["learner/tokens"]
+        for part in ("vision tower", "audio tower", "head", "language model, prompt or whole-sequence pass",
+                     "language model, completions on the prompts' keys", "optimizer step (clipping, update, schedule)",
+                     "backward (with the checkpointed layers' recompute, gradient reduction)"):
+            assert phases.get(part, 0.0) > 0.0, part
+        assert not any(k.startswith("reference:") for k in phases)  # beta 0: no reference forward
+        # the parts add up to the step (the clock also holds the lap after learn_s was read)
+        assert sum(phases.values()) == pytest.approx(seconds, rel=0.15)
     finally:
         g.kill()
 
