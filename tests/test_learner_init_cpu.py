@@ -111,3 +111,36 @@ def test_zero3_on_one_rank_is_warned_about_naming_the_keys() -> None:
             assert warned == [], path.name
     lean = ["learner.dtype=bfloat16", "learner.optimizer_dtype=bfloat16", "learner.zero_stage=2"]
     assert config_warnings(load_config(None, [*lean, "learner.lr=1e-3"])) == []  # updates above bf16's step
+
+
+@pytest.mark.parametrize("kind", ["foreach", "single-tensor"])
+def test_adam_states_made_early_leave_the_updates_as_lazy_ones(kind: str) -> None:
+    """learner.model.initialize_adam_states (moments allocated before the first step's activations)
+    starts from exactly the state torch's lazy initialisation would: the same weights after three
+    real updates, the same step counts and moments."""
+    from learner.model import initialize_adam_states
+
+    torch.manual_seed(0)
+    start = [torch.randn(64, 32), torch.randn(32)]
+    grads = [[torch.randn_like(w) for w in start] for _ in range(3)]
+    models = []
+    for early in (False, True):
+        params = [torch.nn.Parameter(w.clone()) for w in start]
+        opt = torch.optim.AdamW([{"params": params[:1], "weight_decay": 0.1}, {"params": params[1:], "weight_decay": 0.0}],
+                                lr=1e-2, foreach=kind == "foreach")
+        if early:
+            assert initialize_adam_states(opt)
+            assert all(float(opt.state[p]["step"]) == 0 and not opt.state[p]["exp_avg"].any() for p in params)
+            assert all(torch.equal(p, w) for p, w in zip(params, start, strict=True))  # no weight moved
+            assert not initialize_adam_states(opt)  # once only
+        for step in grads:
+            for p, g in zip(params, step, strict=True):
+                p.grad = g.clone()
+            opt.step()
+        models.append((params, opt))
+    (lazy, lazy_opt), (early, early_opt) = models
+    for a, b in zip(lazy, early, strict=True):
+        assert not torch.equal(a, start[0] if a.ndim == 2 else start[1])  # the updates did move them
+        assert torch.equal(a, b)
+        assert float(lazy_opt.state[a]["step"]) == float(early_opt.state[b]["step"]) == 3
+        assert torch.equal(lazy_opt.state[a]["exp_avg_sq"], early_opt.state[b]["exp_avg_sq"])
