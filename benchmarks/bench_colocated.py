@@ -28,7 +28,8 @@ import common  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PARTS = ("timing/rollout_s", "timing/sleep_s", "timing/learn_s", "timing/wake_s", "timing/weight_sync_s", "timing/step_s")
-MEMORY = ("memory/gpu_used_awake_gb", "memory/gpu_used_asleep_gb", "memory/learner_peak_gb", "memory/host_used_gb")
+MEMORY = ("memory/gpu_used_awake_gb", "memory/gpu_used_asleep_gb", "memory/learner_peak_gb", "memory/learner_held_gb",
+          "memory/host_used_gb")
 
 
 def bare_copy_seconds(nbytes: int, repeats: int = 5) -> float:

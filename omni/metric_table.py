@@ -109,6 +109,8 @@ _TABLE = (
     Metric("rollout_correction/masked_share", "share of trained tokens whose correction weight is 0", "learner", "per_token"),
     Metric("rollout_correction/ess", "effective sample size of the correction weights, 1 = no reweighting", "learner", "ess"),
     Metric("memory/learner_peak_gb", "peak GPU memory allocated on a learner rank during the step", "learner", "max"),
+    Metric("memory/learner_held_gb", "GPU memory a learner rank's allocator keeps after the step (colocated: after "
+           "returning its free cached blocks): what a waking engine cannot use", "learner", "max"),
     Metric("memory/host_used_gb", "host memory in use on a learner rank's node after its step", "learner", "max"),
     Metric("timing/learn_s", "seconds of the learner step (slowest rank)", "learner", "max"),
     # trainer: the loop's own counters and timings (orchestrator/trainer.py)

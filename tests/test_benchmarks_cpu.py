@@ -12,6 +12,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parent.parent
 
 
@@ -36,14 +38,17 @@ def run_benchmark(script: str, args: list[str], tmp_path: Path) -> tuple[list[st
 def test_bench_learner_prints_the_learner_over_bare_ratio(tmp_path: Path) -> None:
     # one invocation covers every path: the bare yardstick (and its profiled step), both learner
     # runs (shared prompts and one copy each) under ZeRO-3 from a config-only folder (random init)
-    lines, out = run_benchmark("bench_learner.py", ["--cpu", "--profile"], tmp_path)
+    lines, out = run_benchmark("bench_learner.py", ["--cpu", "--profile", "--breakdown", "--arm", "tower_attention=per_window"],
+                               tmp_path)
     assert lines[-1].startswith("learner (one copy each) / bare fwd+bwd, step time")  # the same work on both sides
     float(lines[-1].split()[-1])  # the ratio is a number
     table = "\n".join(lines)
     for row in ("bare fwd+bwd: step (median)", "learner, shared prompts: step (median)",
                 "learner, one copy each: step (median)", "bare, profiled step (synced phases)",
                 "towers on their media positions only", "plain LM fwd+bwd (the text dims)",
-                "towers alone fwd+bwd (the media)", "learner (one copy each) / (plain LM + towers)"):
+                "towers alone fwd+bwd (the media)", "learner (one copy each) / (plain LM + towers)",
+                "towers alone, tower_attention=per_window", "learner, shared prompts, tower_attention=per_window: step",
+                "learner, shared prompts: clocked step"):
         assert row in table, row
     assert re.search(r"^losses and gradients finite +yes$", table, re.M)
     (record_file,) = out.glob("learner_tiny_*.json")
@@ -55,6 +60,12 @@ def test_bench_learner_prints_the_learner_over_bare_ratio(tmp_path: Path) -> Non
     assert record["learner_over_yardstick"] > 0
     for path in ("bare", "shared", "unshared"):
         assert record[path]["flops"] > 0 and record[path]["seconds"] > 0
+    # the arm ran the same work with the towers per window; every run has its clocked phases
+    (arm,) = record["arms"]
+    assert arm["name"] == "shared prompts, tower_attention=per_window" and arm["input_tokens"] == record["shared"]["input_tokens"]
+    for run in (record["shared"], arm, record["unshared"]):
+        assert run["phases"]["optimizer step (clipping, update, schedule)"] > 0
+        assert sum(run["phases"].values()) == pytest.approx(run["clocked_s"], rel=0.25)
     # the shared path computes each prompt once per micro-batch: fewer language-model tokens
     assert record["shared"]["input_tokens"] < record["unshared"]["input_tokens"]
 

@@ -22,7 +22,7 @@ from omni.metric_table import LEARNER_METRICS
 ROLLOUT_CORRECTION = {m.name for m in LEARNER_METRICS if m.name.startswith("rollout_correction/")}
 MISMATCH = {m.name for m in LEARNER_METRICS if m.name.startswith("mismatch/")}
 # without sampler log-probs: no mismatch and no rollout correction; no GPU: no memory
-CPU_ON_POLICY = {m.name for m in LEARNER_METRICS} - ROLLOUT_CORRECTION - MISMATCH - {"memory/learner_peak_gb"}
+CPU_ON_POLICY = {m.name for m in LEARNER_METRICS} - ROLLOUT_CORRECTION - MISMATCH - {"memory/learner_peak_gb", "memory/learner_held_gb"}
 
 END = 1634  # <|im_end|> in the tiny tokenizer (checked in the fixture)
 COMPLETIONS = [

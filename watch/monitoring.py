@@ -107,6 +107,7 @@ PANELS: tuple[Panel, ...] = (
                          Series("throughput/learner_tokens_per_s", "learner")), description="tokens per second"),
     Panel("GPU memory per role", (
         Series("memory/learner_peak_gb", "learner rank peak", only="gpu"),
+        Series("memory/learner_held_gb", "learner rank held after its step", only="gpu"),
         Series("memory/gpu_used_awake_gb", "engine GPU awake", only="colocated gpu"),
         Series("memory/gpu_used_asleep_gb", "engine GPU asleep", only="colocated gpu"),
         _ray_memory("ray_component_gpu_memory_mb", ENGINES, "engines (all runs)", only="gpu"),
