@@ -242,22 +242,15 @@ def bare_step(settings: Any, experiences: Sequence[Any], steps: int, profile: bo
                            if grads else float("nan"))
         return seconds
 
-    from omni.tower_attention import use_varlen_towers
-
-    def tower_mode(mode: str) -> None:
-        if mode == "varlen":
-            use_varlen_towers(model)
-        else:  # transformers' own call per window
-            for tower in (model.audio_tower, model.visual):
-                tower.config._attn_implementation = settings.attn_implementation
+    from omni.tower_attention import set_tower_attention
 
     tower_norms: list[float] = []
     one()  # warm-up
     other = "per_window" if settings.tower_attention == "varlen" else "varlen"
-    tower_mode(other)  # the other way of the towers' attention, for the before/after row
+    set_tower_attention(model, other)  # the other way of the towers' attention, for the before/after row
     towers()
     other_runs = [towers() for _ in range(steps)]
-    tower_mode(settings.tower_attention)
+    set_tower_attention(model, settings.tower_attention)
     towers()
     tower_runs = [towers() for _ in range(steps)]
     if cuda:
@@ -363,6 +356,11 @@ def parse_arm(text: str) -> dict[str, Any]:
         out[key.strip()] = (lowered == "true" if lowered in ("true", "false")
                             else int(word) if word.lstrip("-").isdigit() else word)
     return out
+
+
+def run_name(share: bool, changes: dict[str, Any] | None) -> str:
+    """A learner run's name in the table: its prompts' path and its --arm settings."""
+    return ("shared prompts" if share else "one copy each") + "".join(f", {k}={v}" for k, v in (changes or {}).items())
 
 
 def main() -> None:
@@ -512,7 +510,7 @@ def main() -> None:
                 clocked = group.clocked_step(experiences)
         finally:
             group.kill()
-        name = ("shared prompts" if share else "one copy each") + "".join(f", {k}={v}" for k, v in (changes or {}).items())
+        name = run_name(share, changes)
         for r in runs:
             if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) and r["grad_norm"] > 0) \
                     or r.get("learner/step_skipped", 0) or r.get("learner/nonfinite_loss", 0):
@@ -546,7 +544,7 @@ def main() -> None:
         try:
             return measure(share, changes)
         except Exception as error:  # noqa: BLE001 (reported in the table and the record)
-            name = ("shared prompts" if share else "one copy each") + "".join(f", {k}={v}" for k, v in (changes or {}).items())
+            name = run_name(share, changes)
             words = " ".join(str(error).split())
             failed.append((name, words[-400:]))
             print(f"learner, {name}: failed: {words[-400:]}", flush=True)

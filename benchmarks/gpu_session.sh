@@ -65,8 +65,6 @@ for stage in "$@"; do
     learner3b) run learner3b $PY benchmarks/bench_learner.py --layout 3b --ranks 1 --zero-stage 2 \
         --micro-batch 16 --sequences-per-gpu 32 --steps 2 --breakdown \
         --arm tower_attention=per_window ;;
-    learner3bhead) run learner3bhead $PY benchmarks/bench_learner.py --layout 3b --ranks 1 --zero-stage 2 \
-        --micro-batch 16 --sequences-per-gpu 32 --steps 2 --no-unshared --arm fused_head=true ;;
     rollout7bhf) run rollout7bhf $PY benchmarks/bench_rollout.py --layout 7b --repeats 2 --hf-questions 1 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac

@@ -127,10 +127,10 @@ class LearnerGroup:
             raise ValueError("train_step needs at least one experience")
         s = self.settings
         if s.epochs_per_batch == 1 and s.mini_batches == 1:
-            return self._update(experiences)
+            return combine(self._update(experiences))
         old = self.compute_logprobs(experiences)
         batch = [replace(e, old_logprobs=o) for e, o in zip(experiences, old, strict=True)]
-        updates = [self._update(part) for _ in range(s.epochs_per_batch) for part in split_by_question(batch, s.mini_batches)]
+        updates = [combine(self._update(part)) for _ in range(s.epochs_per_batch) for part in split_by_question(batch, s.mini_batches)]
         out = dict(updates[0])
         for key in ("clip_fraction", "ratio/mean", "ratio/max", "ratio/min"):
             if key in updates[-1]:
@@ -140,20 +140,19 @@ class LearnerGroup:
         out["learner/step_skipped"] = max(u.get("learner/step_skipped", 0.0) for u in updates)
         return out
 
-    def _update(self, experiences: Sequence[Experience]) -> dict[str, float]:
-        """One optimizer step on ``experiences``, dealt to the ranks."""
+    def _update(self, experiences: Sequence[Experience], clocked: bool = False) -> list[Any]:
+        """One optimizer step on ``experiences``, dealt to the ranks; each rank's result."""
         norm = self._norm(experiences)
         shards = shard(experiences, len(self.workers), keep_prompts=self.settings.share_prompts)
-        parts = gather([w.train_step.remote(s, norm) for w, s in zip(self.workers, shards, strict=True)], "a train step")
-        return combine(parts)
+        step = "clocked_step" if clocked else "train_step"
+        what = "a clocked train step" if clocked else "a train step"
+        return gather([getattr(w, step).remote(s, norm) for w, s in zip(self.workers, shards, strict=True)], what)
 
     def clocked_step(self, experiences: Sequence[Experience]) -> dict[str, Any]:
         """One optimizer update on ``experiences`` with each rank's time split by phase
         (``LearnerWorker.clocked_step``, learner.phases: a diagnostic, slower than a plain step):
         {"metrics": the step's metrics, "phases": rank 0's seconds per phase}."""
-        norm = self._norm(experiences)
-        shards = shard(experiences, len(self.workers), keep_prompts=self.settings.share_prompts)
-        parts = gather([w.clocked_step.remote(s, norm) for w, s in zip(self.workers, shards, strict=True)], "a clocked step")
+        parts = self._update(experiences, clocked=True)
         return {"metrics": combine([p["metrics"] for p in parts]), "phases": parts[0]["phases"]}
 
     def compute_logprobs(

@@ -17,7 +17,7 @@ import torch
 from learner.schedule import lr_multiplier
 from learner.types import LearnerSettings
 from omni.names import require_safetensors, to_learner_name, to_vllm_name
-from omni.tower_attention import use_varlen_towers
+from omni.tower_attention import set_tower_attention
 
 
 def resolve_dtype(dtype: str, cuda: bool) -> torch.dtype:
@@ -101,7 +101,7 @@ def build_thinker(settings: LearnerSettings, device: torch.device, dtype: torch.
             local_files_only=True,
             use_safetensors=True,  # never unpickle weights
         )
-        return set_tower_attention(model, settings)
+        return set_tower_attention(model, settings.tower_attention)
     config = AutoConfig.from_pretrained(str(settings.model_path), local_files_only=True)
     thinker_config = getattr(config, "thinker_config", config)
     # the same seed for the policy and the reference (they start equal, as from a checkpoint);
@@ -110,15 +110,7 @@ def build_thinker(settings: LearnerSettings, device: torch.device, dtype: torch.
     torch.manual_seed(settings.seed)
     with torch.device(device):
         model = Thinker._from_config(thinker_config, attn_implementation=settings.attn_implementation, dtype=dtype)
-    return set_tower_attention(model, settings)
-
-
-def set_tower_attention(model: torch.nn.Module, settings: LearnerSettings) -> torch.nn.Module:
-    """The towers' attention as ``learner.tower_attention`` says: one variable-length call per layer
-    (omni.tower_attention) or transformers' own call per window."""
-    if settings.tower_attention == "varlen":
-        use_varlen_towers(model)
-    return model
+    return set_tower_attention(model, settings.tower_attention)
 
 
 def scatter_zero3(model: torch.nn.Module, whole: torch.nn.Module | None, rank: int) -> None:
@@ -204,7 +196,7 @@ def build_model(
         # dtype on accelerators without fp16 (the CPU).
         with deepspeed.zero.Init(config_dict_or_path=config), no_init_weights():
             model = Thinker._from_config(thinker_config, attn_implementation=s.attn_implementation, dtype=dtype)
-        set_tower_attention(model, s)
+        set_tower_attention(model, s.tower_attention)
         if s.random_init:
             scatter_zero3(model, drawn, rank)
             del drawn
@@ -301,7 +293,7 @@ def initialize_adam_states(optimizer: Any) -> bool:
     them. DeepSpeed's CPU Adam (ZeRO-Offload) is not torch's Adam and keeps its own way.
     """
     inner = getattr(optimizer, "optimizer", optimizer)  # DeepSpeed's ZeRO wrapper holds torch's optimizer
-    if not isinstance(inner, torch.optim.Adam | torch.optim.AdamW):
+    if not isinstance(inner, torch.optim.Adam):  # AdamW is one
         return False
     params = [p for group in inner.param_groups for p in group["params"] if p.requires_grad]
     if not params or all(len(inner.state[p]) > 0 for p in params):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -55,11 +55,7 @@ class PhaseClock(NullClock):
 
     def lap(self, name: str) -> None:
         """The time since the previous lap, less what watched modules took, is ``name``'s."""
-        spent = self._close()
-        if self.stack:  # a lap inside a watched module: it belongs to that module
-            self.seconds[self.stack[-1]] += spent
-            return
-        self.seconds[self.prefix + name] += self.pending + spent
+        self.seconds[self.prefix + name] += self.pending + self._close()
         self.pending = 0.0
 
     @contextmanager
@@ -72,7 +68,7 @@ class PhaseClock(NullClock):
         finally:
             self.prefix = before
 
-    def watch(self, module: torch.nn.Module, label: str | Any) -> None:
+    def watch(self, module: torch.nn.Module, label: str | Callable[[list[str]], str]) -> None:
         """Time ``module``'s forward calls under ``label`` (a string, or a function of the labels
         running now that returns one)."""
 

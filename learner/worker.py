@@ -371,7 +371,7 @@ class LearnerWorker:
             parts["memory/learner_peak_gb"] = torch.cuda.max_memory_allocated() / 2**30
             if s.release_memory:  # a colocated engine wakes into what the step's activations held
                 torch.cuda.empty_cache()
-            # above the live tensors (about weights + states): cached blocks it could not return
+            # live tensors (weights, states) plus the cached blocks it kept: what a waking engine lacks
             parts["memory/learner_held_gb"] = torch.cuda.memory_reserved() / 2**30
         parts["timing/learn_s"] = time.perf_counter() - started
         clock.lap("step end (memory statistics)")

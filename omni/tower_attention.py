@@ -14,13 +14,14 @@ implementation:
 - elsewhere (CPUs, float32): the same math through ``scaled_dot_product_attention`` with a
   block-diagonal mask, one call per layer (tests compare it with the per-window path).
 
-Only the towers use it (``use_varlen_towers``): the language model keeps its own implementation.
+Only the towers use it (``set_tower_attention``): the language model keeps its own implementation.
 Both signatures of ``varlen_attn`` that we have met take (q, k, v, cu_q, cu_k, max_q, max_k)
 positionally, with full attention by default; ``_flash_varlen`` is the one place that calls it.
 """
 
 from __future__ import annotations
 
+from functools import cache
 from typing import Any
 
 import torch
@@ -29,22 +30,25 @@ import torch.nn.functional as F
 NAME = "echoink_flash_varlen"  # "flash" in the name: what makes transformers pass cu_seqlens
 
 
+@cache
+def _varlen_attn() -> Any:
+    """torch's varlen FlashAttention function, or None where this torch has none (looked up once)."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
 def varlen_kernel_usable(query: torch.Tensor) -> bool:
     """Whether torch's FlashAttention varlen kernel runs on this tensor (CUDA, half precision)."""
-    if not query.is_cuda or query.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    try:
-        from torch.nn.attention.varlen import varlen_attn  # noqa: F401
-    except ImportError:
-        return False
-    return True
+    return query.is_cuda and query.dtype in (torch.float16, torch.bfloat16) and _varlen_attn() is not None
 
 
 def _flash_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: torch.Tensor, longest: int,
                   scale: float) -> torch.Tensor:
     """[T, H, D] → [T, H, D] through torch's varlen FlashAttention (non-causal, within each span)."""
-    from torch.nn.attention.varlen import varlen_attn
-
+    varlen_attn = _varlen_attn()
     cu = cu.to(torch.int32)
     if abs(scale - q.shape[-1] ** -0.5) < 1e-12:  # the kernel's default scale
         return varlen_attn(q, k, v, cu, cu, longest, longest)
@@ -104,13 +108,19 @@ def varlen_attention(
     return out.unsqueeze(0), None
 
 
-def use_varlen_towers(thinker: torch.nn.Module) -> None:
-    """Switch the thinker's audio and vision towers to :func:`varlen_attention` (the language model
-    keeps its implementation). Each tower's layers read the tower's own config object."""
-    from transformers import AttentionInterface
+def set_tower_attention(thinker: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """The thinker's audio and vision towers on :func:`varlen_attention` (``mode`` "varlen") or back
+    on the language model's own implementation, transformers' call per window ("per_window");
+    learner.tower_attention. Each tower's layers read the tower's own config object."""
+    if mode not in ("varlen", "per_window"):
+        raise ValueError(f"tower attention {mode!r}: expected varlen or per_window")
+    if mode == "varlen":
+        from transformers import AttentionInterface
 
-    AttentionInterface.register(NAME, varlen_attention)
+        AttentionInterface.register(NAME, varlen_attention)
+    implementation = NAME if mode == "varlen" else thinker.model.config._attn_implementation
     for name in ("audio_tower", "visual"):
         tower = getattr(thinker, name, None)
         if tower is not None:
-            tower.config._attn_implementation = NAME
+            tower.config._attn_implementation = implementation
+    return thinker

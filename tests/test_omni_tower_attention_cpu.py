@@ -8,7 +8,7 @@ import copy
 import pytest
 import torch
 
-from omni.tower_attention import NAME, block_diagonal_mask, use_varlen_towers, varlen_attention
+from omni.tower_attention import NAME, block_diagonal_mask, set_tower_attention, varlen_attention
 
 
 @pytest.fixture(scope="module")
@@ -22,8 +22,7 @@ def thinkers(tiny_checkpoint):
     config.vision_config.fullatt_block_indexes = [1]
     torch.manual_seed(0)
     per_window = Thinker._from_config(config, attn_implementation="sdpa", dtype=torch.float32)
-    varlen = copy.deepcopy(per_window)
-    use_varlen_towers(varlen)
+    varlen = set_tower_attention(copy.deepcopy(per_window), "varlen")
     return per_window, varlen
 
 
@@ -40,6 +39,10 @@ def test_only_the_towers_switch(thinkers) -> None:
     assert varlen.audio_tower.layers[0].self_attn.config._attn_implementation == NAME
     assert varlen.model.config._attn_implementation == "sdpa"
     assert per_window.visual.config._attn_implementation == "sdpa"
+    back = set_tower_attention(copy.deepcopy(varlen), "per_window")  # what bench_learner's before arm does
+    assert back.visual.config._attn_implementation == back.audio_tower.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="expected varlen or per_window"):
+        set_tower_attention(back, "flash")
 
 
 def _grads(model: torch.nn.Module, prefix: str) -> dict[str, torch.Tensor]:
