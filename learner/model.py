@@ -1,4 +1,4 @@
-"""A learner rank's models: the Qwen2.5-Omni thinker, whole (ZeRO-2) or partitioned over the ranks
+"""A learner rank's models: the thinker (of the checkpoint's family, `omni.family`), whole (ZeRO-2) or partitioned over the ranks
 as it is built (ZeRO-3), with the checkpoint's weights or weights drawn from the seed; the
 trainable one wrapped in a DeepSpeed engine with its optimizer and learning-rate schedule, the
 frozen reference beside it; and DeepSpeed's config, a pure function of the settings.
@@ -16,6 +16,7 @@ import torch
 
 from learner.schedule import lr_multiplier
 from learner.types import LearnerSettings
+from omni.family import family_of
 from omni.names import require_safetensors, to_learner_name, to_vllm_name
 from omni.tower_attention import set_tower_attention
 
@@ -91,8 +92,8 @@ def build_thinker(settings: LearnerSettings, device: torch.device, dtype: torch.
     benchmarks/bench_learner.py — so that they all start from the same values for a seed.
     """
     from transformers import AutoConfig
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
 
+    Thinker = family_of(settings.model_path).thinker_type()  # noqa: N806 (a class)
     if not settings.random_init:
         model = Thinker.from_pretrained(
             str(settings.model_path),
@@ -146,18 +147,40 @@ def load_weights_zero3(model: torch.nn.Module, model_path: Path, rank: int) -> N
                     if name.startswith("thinker."):
                         location[to_learner_name(name)] = path
     handles: dict[Path, Any] = {}
+
+    def read(name: str) -> torch.Tensor:
+        path = location[name]
+        if path not in handles:
+            handles[path] = safe_open(str(path), framework="pt")
+        return handles[path].get_tensor(to_vllm_name(name))
+
     try:
         for name, param in model.named_parameters():
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 if rank == 0:
-                    if name not in location:
-                        raise KeyError(f"{model_path}: no weight for parameter {name}")
-                    path = location[name]
-                    if path not in handles:
-                        handles[path] = safe_open(str(path), framework="pt")
-                    param.data.copy_(handles[path].get_tensor(to_vllm_name(name)))
+                    param.data.copy_(checkpoint_tensor(name, location, read, model_path))
     finally:
         handles.clear()
+
+
+def checkpoint_tensor(name: str, present: Any, read: Any, where: Path) -> torch.Tensor:
+    """The checkpoint's value of the learner parameter ``name``: stored under its own name, or — a
+    mixture-of-experts layer in the released layout, one tensor per expert and projection — stacked
+    the way transformers fuses them at load (``experts.gate_up_proj`` [E, 2I, H] holds each expert's
+    gate then up rows, ``experts.down_proj`` [E, H, I] each expert's down)."""
+    if name in present:
+        return read(name)
+    stem, dot, kind = name.rpartition(".experts.")
+    parts = {"gate_up_proj": ("gate_proj", "up_proj"), "down_proj": ("down_proj",)}.get(kind)
+    if dot and parts:
+        count = 0
+        while f"{stem}.experts.{count}.{parts[0]}.weight" in present:
+            count += 1
+        if count:
+            return torch.stack([
+                torch.cat([read(f"{stem}.experts.{e}.{part}.weight") for part in parts], dim=0) for e in range(count)
+            ])
+    raise KeyError(f"{where}: no weight for parameter {name}")
 
 
 def build_model(
@@ -174,9 +197,9 @@ def build_model(
     ``trainable``."""
     import deepspeed
     from transformers import AutoConfig
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
 
     s = settings
+    Thinker = family_of(s.model_path).thinker_type()  # noqa: N806 (a class)
     if s.zero_stage == 3:
         hf_config = AutoConfig.from_pretrained(str(s.model_path), local_files_only=True)
         thinker_config = getattr(hf_config, "thinker_config", hf_config)

@@ -25,7 +25,8 @@ def unused_tower_term(thinker: Any, inputs: dict[str, torch.Tensor]) -> torch.Te
     or no sound (the audio tower idles) while another rank's does: their gradient reductions then
     cover different parameters, and the collective fails (gloo: "Received data size doesn't match
     expected size"). Added to the loss, this term gives every tower a gradient on every rank —
-    exactly zero, so the update is unchanged.
+    exactly zero, so the update is unchanged. Every output a tower gives the language model counts
+    (Qwen3-Omni's vision tower also gives one per deepstack level, from mergers of their own).
     """
     parts = []
     weight = next(thinker.parameters())
@@ -35,8 +36,11 @@ def unused_tower_term(thinker: Any, inputs: dict[str, torch.Tensor]) -> torch.Te
         merge = int(vc.spatial_merge_size)
         pixels = torch.zeros(merge * merge, vc.in_channels * vc.temporal_patch_size * vc.patch_size**2, **like)
         grid = torch.tensor([[1, merge, merge]], device=like["device"])  # one merged token's patches
-        out = thinker.get_image_features(pixels, grid, return_dict=True).pooler_output
-        parts.append(sum(o.sum() for o in out))
+        out = thinker.get_image_features(pixels, grid, return_dict=True)
+        parts.append(sum(o.sum() for o in out.pooler_output))
+        # Qwen3-Omni's deepstack mergers feed the language model from inner vision blocks
+        for level in getattr(out, "deepstack_features", None) or ():
+            parts.append(sum(o.sum() for o in level))
     if "input_features" not in inputs:
         frames = 2 * int(thinker.config.audio_config.n_window)  # one window of the audio tower
         features = torch.zeros(1, thinker.config.audio_config.num_mel_bins, frames, **like)

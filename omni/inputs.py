@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import avqa
+from omni.family import all_media_tokens
 
 
 @dataclass(frozen=True)
@@ -100,21 +101,9 @@ class Prompt:
 
 
 # Placeholders the processor expands into media features: a completion must never contain them
-# (the model's forward would look for media that is not there).
-MEDIA_TOKENS = (
-    "<|AUDIO|>",
-    "<|IMAGE|>",
-    "<|VIDEO|>",
-    "<|audio_bos|>",
-    "<|audio_eos|>",
-    "<|vision_bos|>",
-    "<|vision_eos|>",
-    "<|vision_pad|>",
-    "<|image_pad|>",
-    "<|video_pad|>",
-    "<|vision_start|>",
-    "<|vision_end|>",
-)
+# (the model's forward would look for media that is not there). Every family's spellings: a
+# tokenizer holds its own family's, and the others are simply absent from its vocabulary.
+MEDIA_TOKENS = all_media_tokens()
 
 
 def media_token_ids(tokenizer: Any) -> list[int]:
@@ -418,6 +407,16 @@ def _media_inputs(prompts: Sequence[PromptFeatures]) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key in (*IMAGE_KEYS, *VIDEO_KEYS, *AUDIO_KEYS):
         parts = [getattr(p, key) for p in prompts if getattr(p, key) is not None]
+        if key in AUDIO_KEYS:
+            parts = _pad_frames(parts)
         if parts:
             out[key] = torch.cat(parts, dim=0)
     return out
+
+
+def _pad_frames(parts: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Audio features (or their masks) padded with zeros to the longest clip's frames: Qwen2.5-Omni's
+    processor pads every clip to 30 s already, Qwen3-Omni's to the longest of one call only. The
+    mask's zeros keep the padding out of the tower (both thinkers select frames by the mask)."""
+    frames = max((t.shape[-1] for t in parts), default=0)
+    return [t if t.shape[-1] == frames else torch.nn.functional.pad(t, (0, frames - t.shape[-1])) for t in parts]

@@ -28,6 +28,7 @@ class ModelShape:
     vocab: int
     hidden: int
     layers: int
+    linear: frozenset[str] = frozenset()  # the names of the nn.Linear layers (what LoRA adapts)
 
     def count(self, names: Iterable[str] | None = None) -> int:
         """Elements of the named parameters (all by default)."""
@@ -59,18 +60,20 @@ class ModelShape:
         last name part is in ``targets``: the language model's, and the towers' too with ``towers``."""
         wanted = set(targets)
         return sum(rank * (shape[0] + shape[1]) for name, shape in self.shapes.items()
-                   if name.endswith(".weight") and len(shape) == 2 and lora_target(name[: -len(".weight")], wanted, towers))
+                   if name.endswith(".weight") and name[: -len(".weight")] in self.linear
+                   and lora_target(name[: -len(".weight")], wanted, towers))
 
 
 def model_shape(model_path: Path) -> ModelShape:
-    """The shape of ``model_path``'s thinker (a Qwen2.5-Omni checkpoint folder or its config)."""
+    """The shape of ``model_path``'s thinker (a checkpoint folder of either family, or its config)."""
     import torch
     from transformers import AutoConfig
-    from transformers import Qwen2_5OmniThinkerForConditionalGeneration as Thinker
 
+    from omni.family import family_of
     from omni.quiet import quiet_default_talker_warnings
 
     quiet_default_talker_warnings()
+    Thinker = family_of(model_path).thinker_type()  # noqa: N806 (a class)
     config = AutoConfig.from_pretrained(str(model_path), local_files_only=True)
     thinker = getattr(config, "thinker_config", config)
     with torch.device("meta"):
@@ -78,6 +81,8 @@ def model_shape(model_path: Path) -> ModelShape:
     text = thinker.text_config
     return ModelShape(
         shapes={name: tuple(p.shape) for name, p in model.named_parameters()},
+        # a 2-D weight is not always a linear layer's (a mixture of experts' router is a bare matrix)
+        linear=frozenset(name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)),
         vocab=int(text.vocab_size),
         hidden=int(text.hidden_size),
         layers=int(text.num_hidden_layers),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -68,6 +69,7 @@ def load_named_weights(worker: Any, weights: Iterable[tuple[str, torch.Tensor]])
     from vllm.platforms import current_platform
 
     count = 0
+    pushed: list[str] = []
     runner = worker.model_runner
     cpu_reload = current_platform.is_cpu() and hasattr(runner, "reload_weights")
     refeed_head = cpu_reload and head_shares_embeddings(worker)
@@ -76,15 +78,43 @@ def load_named_weights(worker: Any, weights: Iterable[tuple[str, torch.Tensor]])
         nonlocal count
         for name, tensor in weights:
             count += 1
+            pushed.append(name)
             yield name, tensor
             if refeed_head and name == THINKER_PREFIX + EMBED_TOKENS:
                 yield THINKER_PREFIX + LM_HEAD, tensor
 
     if cpu_reload:
         runner.reload_weights(weights_iterator=counted(), is_checkpoint_format=True)
+        repack_reloaded_experts(_model(worker), pushed)
     else:
         _model(worker).load_weights(weights=counted())
     return count
+
+
+_EXPERT_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts(?:\.|$)")
+
+
+def repack_reloaded_experts(model: torch.nn.Module, names: Iterable[str]) -> int:
+    """Repack the mixture-of-experts layers (a Qwen3-Omni thinker's) whose experts a CPU reload
+    rewrote; returns how many.
+
+    vLLM's CPU experts kernel repacks the expert weights into its grouped-GEMM layout once, at the
+    first load. A reload writes the new values into the same tensors unpacked and skips that step
+    (vLLM 0.32: ``UnquantizedFusedMoEMethod._setup_kernel`` calls the kernel's
+    ``process_weights_after_loading`` only on its first call), so the engine would multiply by
+    weights in the wrong layout: seen as a gap between vLLM's and the learner's log-probs that
+    grew with every push. A layer is repacked when the push named its experts (a push carries a
+    layer's experts whole: ``gate_up_proj`` and ``down_proj``), so none is packed twice.
+    """
+    layers = {int(m.group(1)) for m in map(_EXPERT_LAYER.search, names) if m}
+    repacked = 0
+    for name, module in model.named_modules():
+        kernel = getattr(getattr(getattr(module, "quant_method", None), "moe_kernel", None), "fused_experts", None)
+        found = _EXPERT_LAYER.search(name)
+        if kernel is not None and found and int(found.group(1)) in layers and hasattr(module, "w13_weight"):
+            kernel.process_weights_after_loading(module)
+            repacked += 1
+    return repacked
 
 
 def receive_weights(worker: Any, specs: Sequence[BucketSpec]) -> int:

@@ -39,6 +39,13 @@ def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_checkpoint(tmp_path_factory.mktemp("tiny-omni"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def qwen3_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from omni.fixtures.tiny_qwen3 import build_tiny_qwen3_checkpoint
+
+    return build_tiny_qwen3_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-omni"), seed=0)
+
+
 SESSION_CPUS = 8  # logical CPUs of the session's Ray (ray_local)
 
 

@@ -62,9 +62,17 @@ def weights(run_dir) -> dict:
 LORA = ("learner.lora.rank=4", "learner.lora.alpha=8", "learner.lr=1e-3", "rewards.weights={test_vowel_share: 1.0}")
 
 
-@pytest.mark.parametrize("learner", [(), LORA], ids=["full", "lora"])
-def test_colocated_equals_split_completions_and_weights(ray_local, tiny_checkpoint, synth_dir, tmp_path, learner) -> None:
-    """With LoRA too: both transports carry the merged weights, computed the same way."""
+# Qwen3-Omni (the second model family, tests/test_qwen3_omni_cpu.py): adapters on the attention
+# projections (its MLPs are experts, fused 3-D tensors, pushed whole and merged into nothing)
+QWEN3_LORA = (*LORA, "learner.lora.targets=[q_proj,k_proj,v_proj,o_proj]")
+
+
+@pytest.mark.parametrize(("model", "learner"), [("tiny_checkpoint", ()), ("tiny_checkpoint", LORA), ("qwen3_checkpoint", QWEN3_LORA)],
+                         ids=["full", "lora", "qwen3-lora"])
+def test_colocated_equals_split_completions_and_weights(ray_local, request, synth_dir, tmp_path, model, learner) -> None:
+    """With LoRA too: both transports carry the merged weights, computed the same way; and with a
+    mixture of experts, whose expert weights the CPU engine keeps in a layout of its own."""
+    tiny_checkpoint = request.getfixturevalue(model)
     common = (*ONE_PAIR, "total_steps=3", "checkpoint.every=0", "sampling.max_new_tokens=12", *learner)
     split, _ = run(tiny_config(tiny_checkpoint, synth_dir, tmp_path / "split", *common, "placement.mode=split"))
     colocated, summary = run(tiny_config(tiny_checkpoint, synth_dir, tmp_path / "colo", *common, "placement.mode=colocated"))

@@ -274,8 +274,16 @@ def test_the_3b_layout_is_the_released_thinker(tmp_path: Path) -> None:
     assert model.lm_head.weight is not model.model.embed_tokens.weight
 
 
-def test_the_cli_offers_every_layout() -> None:
-    from echoink.cli import MODEL_LAYOUTS
+def test_the_cli_offers_every_layout_of_every_family(tmp_path, capsys) -> None:
+    from echoink.cli import MODEL_LAYOUTS, main
+    from omni.family import FAMILIES
     from omni.fixtures.tiny import LAYOUTS
+    from omni.fixtures.tiny_qwen3 import QWEN3_LAYOUTS
 
-    assert sorted(MODEL_LAYOUTS) == sorted(LAYOUTS)
+    assert sorted(MODEL_LAYOUTS) == sorted(FAMILIES)
+    assert sorted(MODEL_LAYOUTS["qwen2_5_omni"]) == sorted(LAYOUTS)
+    assert sorted(MODEL_LAYOUTS["qwen3_omni"]) == sorted(QWEN3_LAYOUTS)
+    # a layout of the other family is refused, naming the family's own
+    assert main(["model", "tiny", "--family", "qwen3_omni", "--layout", "7b", "--out", str(tmp_path / "x")]) == 2
+    assert "not a qwen3_omni layout; its layouts: tiny, 30b-a3b" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
