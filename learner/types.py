@@ -97,6 +97,7 @@ class LearnerSettings:
     fused_head: bool = False  # omni.head: completions through the head in chunks, no logits kept
     tower_attention: str = "varlen"  # varlen: one call per tower layer (omni.tower_attention) | per_window
     fused_optimizer: bool = True  # torch's fused AdamW kernel on GPUs (no state-sized temporaries)
+    router_aux_loss_coef: float = 0.0  # a mixture of experts' balance loss, added × coef (omni/router.py)
     seed: int = 0
     media: MediaSettings = MediaSettings()
     system_prompt: str | None = None

@@ -53,6 +53,7 @@ from omni.handoff import Channel, Stager, send_over
 from omni.inputs import ModelBatch, PromptFeatures, load_processor
 from omni.names import require_safetensors
 from omni.quiet import quiet_default_talker_warnings
+from omni.router import RouterCapture, routers
 from omni.sampling import SamplingDistribution
 from omni.weightsync import (
     BucketSpec,
@@ -138,6 +139,11 @@ class LearnerWorker:
         model = build_model(s, config, rank=self.rank, device=self.device, dtype=self.dtype, trainable=True)
         if s.lora.enabled:  # before the engine: its optimizer gets the adapters only
             add_adapters(model, s.lora, seed=s.seed)
+        if s.router_aux_loss_coef > 0 and not routers(model):
+            raise ValueError(
+                f"learner.router_aux_loss_coef is {s.router_aux_loss_coef:g}, but {s.model_path} has no "
+                "mixture-of-experts routers (a dense thinker such as Qwen2.5-Omni's): set it to 0"
+            )
         self._progress(f"model built ({time.perf_counter() - started:.0f} s)")
         # the reference for the KL term: a frozen copy of the starting model, or under LoRA the
         # policy itself with its adapters off (learner.lora) — no second model. Built before the
@@ -292,14 +298,16 @@ class LearnerWorker:
                 )
                 if ref_logp is not None:
                     clock.lap("forward and log-probs")
-            logp = self._logprobs(
-                self.engine,
-                batch,
-                entropy,
-                entropy_grad=s.entropy_coef > 0,
-                sampling=truncated if compare else None,
-                outside=outside if compare else None,
-            )
+            balance = RouterCapture(self.engine.module) if s.router_aux_loss_coef > 0 else None
+            with balance or nullcontext():
+                logp = self._logprobs(
+                    self.engine,
+                    batch,
+                    entropy,
+                    entropy_grad=s.entropy_coef > 0,
+                    sampling=truncated if compare else None,
+                    outside=outside if compare else None,
+                )
             clock.lap("policy log-probs (log-softmax, entropy, sampling view)")
             old_logp = logp.detach()
             if micro[0].old_logprobs is not None:  # a later pass over the batch: the first pass's policy
@@ -332,6 +340,11 @@ class LearnerWorker:
                 loss = loss + idle
             if s.entropy_coef > 0:  # an entropy bonus: −c · H, aggregated like the loss
                 loss = loss - s.entropy_coef * aggregate(entropy[0], mask, s.loss_agg, norm)
+            if balance is not None:  # the micro-batch's share of the step's sequences: shares sum to the step's
+                share = float(real.sum()) / max(norm.sequences, 1)
+                weighted = balance.balance_loss() * share
+                loss = loss + s.router_aux_loss_coef * weighted
+                parts["learner/router_balance_loss"] += float(weighted.detach())
             parts["entropy"] += float((entropy[0].detach() * mask).sum())
             if failpoint("learner.loss") == "nan":
                 loss = loss * float("nan")

@@ -66,6 +66,13 @@ _TABLE = (
     Metric("learner/tokens", "completion tokens trained on (end-of-turn included)", "learner", "sum"),
     Metric("learner/input_tokens", "tokens the learner computed (prompts once per micro-batch + completions)", "learner", "sum"),
     Metric("learner/nonfinite_loss", "micro-batches whose loss was not finite", "learner", "sum"),
+    Metric(
+        "learner/router_balance_loss",
+        "the experts' balance loss of the policy's forward, its micro-batches weighted by their share of the step's "
+        "sequences (learner.router_aux_loss_coef > 0; the experts per token when balanced)",
+        "learner",
+        "sum",
+    ),
     Metric("learner/step_skipped", "1 if the optimizer step was skipped (non-finite gradient norm)", "learner", "max"),
     Metric(
         "mismatch/token_prob_error",

@@ -259,6 +259,14 @@ class LearnerConfig(Section):
         "(FlashAttention's varlen kernel on GPUs, a block-diagonal mask elsewhere; omni/tower_attention.py), or "
         "per_window, transformers' own call per window (a 448-px picture has 16 windows, a 10-s clip 10 chunks)",
     )
+    router_aux_loss_coef: float = Field(
+        0.0,
+        ge=0.0,
+        description="a mixture-of-experts thinker (Qwen3-Omni): add coef × the routers' Switch Transformer balance "
+        "loss (transformers' formula, over every routed token of the policy's forward; omni/router.py) to the loss. "
+        "0, the default, is upstream's RL training: transformers adds it only with labels, verl-omni not at all. "
+        "A dense thinker refuses a coefficient above 0",
+    )
     fused_optimizer: bool = Field(
         True,
         description="torch's fused AdamW kernel on GPUs (one kernel, no temporaries); false: its multi-tensor "

@@ -141,6 +141,7 @@ def learner_settings(
         fused_head=lc.fused_head,
         tower_attention=lc.tower_attention,
         fused_optimizer=lc.fused_optimizer,
+        router_aux_loss_coef=lc.router_aux_loss_coef,
         seed=config.seed,
         media=media_settings(config),
         system_prompt=config.system_prompt,

@@ -11,6 +11,7 @@ One engine serves the module (its start is most of the cost).
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -269,3 +270,43 @@ def test_pushed_weights_experts_included_equal_the_saved_checkpoint(ray_local, e
         learner.kill()
         if fresh is not None:
             ray_local.kill(fresh)
+
+
+def test_the_balance_loss_is_transformers_own_and_reaches_the_routers(qwen3_checkpoint, tiny_checkpoint, thinker, mixed) -> None:
+    """learner.router_aux_loss_coef's term: the routers' logits captured from the forward give
+    transformers' own aux_loss of the same forward, and its gradient reaches every router."""
+    from omni.router import RouterCapture, routers
+
+    model, processor = thinker
+    record = mixed[list(DATA_TYPES).index("image_audio")]
+    features = add_positions(model, encode_prompt(processor, prepare_prompt(record, processor)))
+    inputs = collate([features], [processor.tokenizer.encode("<answer>A</answer>")], pad_id=0, eos_ids=[]).inputs
+    with RouterCapture(model) as capture:
+        out = model(**inputs, output_router_logits=True)
+    ours = capture.balance_loss()
+    assert ours.item() == pytest.approx(out.aux_loss.item(), rel=1e-6)
+    top_k, experts = model.config.text_config.num_experts_per_tok, model.config.text_config.num_experts
+    assert top_k <= ours.item() <= experts  # top-k when balanced, the experts' count when one takes all
+    ours.backward()
+    gates = routers(model)
+    assert len(gates) == model.config.text_config.num_hidden_layers
+    assert all(g.weight.grad is not None and g.weight.grad.abs().sum() > 0 for g in gates)
+    model.zero_grad()
+    dense = QWEN2_5_OMNI.thinker_type().from_pretrained(str(tiny_checkpoint))
+    assert routers(dense) == []
+    with pytest.raises(ValueError, match="no mixture-of-experts routers"):
+        RouterCapture(dense)
+
+
+def test_a_step_with_the_balance_loss_reports_it(ray_local, qwen3_checkpoint, train_json) -> None:
+    records = load_records(train_json)[:2]
+    tokenizer = load_processor(qwen3_checkpoint).tokenizer
+    ids = tokenizer.encode("<think>x</think><answer>A</answer><|im_end|>", add_special_tokens=False)
+    batch = [Experience(r, ids, advantage=a) for r in records for a in (1.0, -1.0)]
+    learner = LearnerGroup(settings(qwen3_checkpoint, router_aux_loss_coef=0.5), [{"num_cpus": 1}])
+    try:
+        metrics = learner.train_step(batch)
+    finally:
+        learner.kill()
+    top_k = 2  # the tiny layout's experts per token (of 4)
+    assert top_k <= metrics["learner/router_balance_loss"] <= 4 and math.isfinite(metrics["loss"])
