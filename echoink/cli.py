@@ -86,7 +86,6 @@ def _data_check(args: argparse.Namespace) -> int:
 # The layouts of each family (omni.fixtures.tiny.LAYOUTS, omni.fixtures.tiny_qwen3.QWEN3_LAYOUTS), spelt
 # out so that `--help` imports no model code (a test keeps them equal)
 MODEL_LAYOUTS = {"qwen2_5_omni": ("tiny", "small", "2b", "3b", "7b"), "qwen3_omni": ("tiny", "30b-a3b")}
-FAMILY_TITLES = {"qwen2_5_omni": "Qwen2.5-Omni", "qwen3_omni": "Qwen3-Omni"}
 
 
 def _model_tiny(args: argparse.Namespace) -> int:
@@ -104,7 +103,9 @@ def _model_tiny(args: argparse.Namespace) -> int:
 
         out = build_tiny_checkpoint(args.out, seed=args.seed, sizes=LAYOUTS[args.layout], weights=not args.config_only)
     what = "config-only (random weights at load time)" if args.config_only else "random weights"
-    print(f"{FAMILY_TITLES[args.family]} checkpoint, layout {args.layout}, {what}: {out}")
+    from omni.family import FAMILIES
+
+    print(f"{FAMILIES[args.family].title} checkpoint, layout {args.layout}, {what}: {out}")
     return 0
 
 

@@ -9,6 +9,7 @@ ZeRO-3 builds and gathers are collectives: every rank calls them in the same ord
 
 from __future__ import annotations
 
+from collections.abc import Callable, Container
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,9 @@ def load_weights_zero3(model: torch.nn.Module, model_path: Path, rank: int) -> N
         handles.clear()
 
 
-def checkpoint_tensor(name: str, present: Any, read: Any, where: Path) -> torch.Tensor:
+def checkpoint_tensor(
+    name: str, present: Container[str], read: Callable[[str], torch.Tensor], where: Path
+) -> torch.Tensor:
     """The checkpoint's value of the learner parameter ``name``: stored under its own name, or — a
     mixture-of-experts layer in the released layout, one tensor per expert and projection — stacked
     the way transformers fuses them at load (``experts.gate_up_proj`` [E, 2I, H] holds each expert's
@@ -176,6 +179,10 @@ def checkpoint_tensor(name: str, present: Any, read: Any, where: Path) -> torch.
         count = 0
         while f"{stem}.experts.{count}.{parts[0]}.weight" in present:
             count += 1
+        missing = [f"{stem}.experts.{e}.{part}.weight" for e in range(count) for part in parts
+                   if f"{stem}.experts.{e}.{part}.weight" not in present]
+        if count and missing:
+            raise KeyError(f"{where}: parameter {name} is stored per expert, but {missing[:3]} are missing")
         if count:
             return torch.stack([
                 torch.cat([read(f"{stem}.experts.{e}.{part}.weight") for part in parts], dim=0) for e in range(count)

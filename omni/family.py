@@ -9,9 +9,9 @@ through the same calls for both — the processor (`omni.inputs.load_processor`)
 - the transformers classes of its thinker and of its full config;
 - the architecture vLLM registers it under (the full model's: vLLM reads ``thinker_config``);
 - the media placeholders a completion must never hold (their spellings differ);
-- the pixels per visual token side (patch × merge: 28 for Qwen2.5, 32 for Qwen3);
 - whether its language model routes tokens to experts (Qwen3-Omni's thinker is a mixture of
-  experts: fused 3-D expert parameters, a router per layer, an optional balance loss);
+  experts: fused 3-D expert parameters, a router per layer, an optional balance loss,
+  `learner.router_aux_loss_coef`, which a dense family refuses);
 - the vision tower's extra outputs that must reach the loss on a rank without pictures
   (Qwen3's deepstack mergers, `omni.forward.unused_tower_term`).
 """
@@ -19,22 +19,23 @@ through the same calls for both — the processor (`omni.inputs.load_processor`)
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from omni.names import field_of
 
 
 @dataclass(frozen=True)
 class ModelFamily:
     name: str  # what `echoink model tiny --family` and the docs call it
+    title: str  # how people write it
     model_type: str  # config.json's top-level model_type (the full omni model)
     thinker_model_type: str  # the thinker config's own model_type
     thinker_class: str  # transformers class of the thinker
     config_class: str  # transformers class of the full config
     vllm_architecture: str  # vLLM's registry name for the full config's architectures
     media_tokens: tuple[str, ...]  # placeholders the processor expands; never in a completion
-    patch_factor: int  # pixels per visual token side: patch size × spatial merge
     moe: bool  # the language model's MLPs are experts behind a router
 
     def thinker_type(self) -> type:
@@ -44,6 +45,7 @@ class ModelFamily:
         return getattr(transformers, self.thinker_class)
 
     def config_type(self) -> type:
+        """The full (thinker + talker) config's transformers class."""
         import transformers
 
         return getattr(transformers, self.config_class)
@@ -51,6 +53,7 @@ class ModelFamily:
 
 QWEN2_5_OMNI = ModelFamily(
     name="qwen2_5_omni",
+    title="Qwen2.5-Omni",
     model_type="qwen2_5_omni",
     thinker_model_type="qwen2_5_omni_thinker",
     thinker_class="Qwen2_5OmniThinkerForConditionalGeneration",
@@ -62,11 +65,11 @@ QWEN2_5_OMNI = ModelFamily(
         # Qwen2-VL's spellings are in the same tokenizer (vLLM's placeholder strings)
         "<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>",
     ),
-    patch_factor=28,
     moe=False,
 )
 QWEN3_OMNI = ModelFamily(
     name="qwen3_omni",
+    title="Qwen3-Omni",
     model_type="qwen3_omni_moe",
     thinker_model_type="qwen3_omni_moe_thinker",
     thinker_class="Qwen3OmniMoeThinkerForConditionalGeneration",
@@ -77,16 +80,9 @@ QWEN3_OMNI = ModelFamily(
         "<|audio_pad|>", "<|image_pad|>", "<|video_pad|>", "<|audio_start|>", "<|audio_end|>",
         "<|vision_start|>", "<|vision_end|>", "<|vision_pad|>",
     ),
-    patch_factor=32,
     moe=True,
 )
 FAMILIES: dict[str, ModelFamily] = {f.name: f for f in (QWEN2_5_OMNI, QWEN3_OMNI)}
-
-
-def _field(config: Any, name: str) -> Any:
-    if isinstance(config, Mapping):
-        return config.get(name)
-    return getattr(config, name, None)
 
 
 def family_of(config: Any) -> ModelFamily:
@@ -99,7 +95,7 @@ def family_of(config: Any) -> ModelFamily:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no config.json to read the model family from")
         config = json.loads(path.read_text())
-    model_type = _field(config, "model_type")
+    model_type = field_of(config, "model_type")
     for family in FAMILIES.values():
         if model_type in (family.model_type, family.thinker_model_type):
             return family

@@ -63,7 +63,8 @@ def require_safetensors(folder: str | Path) -> list[Path]:
 T = TypeVar("T")
 
 
-def _field(config: Any, name: str) -> Any:
+def field_of(config: Any, name: str) -> Any:
+    """``config[name]`` of a config dict, else the attribute of a config object (None if absent)."""
     if isinstance(config, Mapping):
         return config.get(name)
     return getattr(config, name, None)
@@ -84,16 +85,16 @@ def head_is_tied(config: Any) -> bool:
         path = Path(config)
         path = path / "config.json" if path.is_dir() else path
         config = json.loads(path.read_text())
-    thinker = _field(config, "thinker_config")
+    thinker = field_of(config, "thinker_config")
     full = thinker is not None
     thinker = thinker if full else config
-    text = _field(thinker, "text_config")
-    learner = _field(thinker, "tie_word_embeddings")
+    text = field_of(thinker, "text_config")
+    learner = field_of(thinker, "tie_word_embeddings")
     if learner is None and text is not None:
-        learner = _field(text, "tie_word_embeddings")
+        learner = field_of(text, "tie_word_embeddings")
     if learner is None:
         raise ValueError("config: no tie_word_embeddings in the thinker config or its text_config")
-    engine = _field(config, "tie_word_embeddings") if full else None
+    engine = field_of(config, "tie_word_embeddings") if full else None
     if engine is not None and bool(engine) != bool(learner):
         raise ValueError(
             f"config: tie_word_embeddings={engine} but thinker_config.tie_word_embeddings={learner}; "

@@ -192,6 +192,21 @@ def layout_for(config: RunConfig, cluster: Cluster, *, learner: bool = True) -> 
     return layout
 
 
+def check_family(config: RunConfig) -> None:
+    """What the checkpoint's model family cannot do, refused before any actor starts (a folder
+    without config.json is left to the loaders, which name what is missing)."""
+    from omni.family import family_of
+
+    folder = Path(config.model_path)
+    if config.learner.router_aux_loss_coef > 0 and (folder / "config.json").is_file():
+        family = family_of(folder)
+        if not family.moe:
+            raise ValueError(
+                f"learner.router_aux_loss_coef is {config.learner.router_aux_loss_coef:g}, but {folder} is a "
+                f"{family.title} thinker, whose language model has no experts to balance: set it to 0"
+            )
+
+
 def ray_cpus(config: RunConfig) -> float:
     """The logical CPUs a training run's actors ask for (a local Ray is started with at least these)."""
     return config.rollout.num_engines * config.rollout.cpus_per_engine + config.learner.num_ranks * config.learner.cpus_per_rank
@@ -214,6 +229,7 @@ def make_plan(
     GPU or host memory (where known) fails here, naming its largest item and a lever."""
     c, g = config, config.grpo
     layout = layout_for(c, cluster)
+    check_family(c)
     total_steps = c.steps_for(train_size)
     sleeps = layout.engines_sleep
     schedule = Schedule(

@@ -91,7 +91,11 @@ def load_named_weights(worker: Any, weights: Iterable[tuple[str, torch.Tensor]])
     return count
 
 
-_EXPERT_LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.mlp\.experts(?:\.|$)")
+# a language-model layer's experts: ``thinker.model.layers.3.mlp.experts.gate_up_proj`` (pushed, fused),
+# ``….experts.7.down_proj.weight`` (per expert), ``language_model.model.layers.3.mlp.experts.routed_experts``
+# (vLLM's module)
+_EXPERTS = re.compile(r"(?:^|\.)model\.layers\.(\d+)\.mlp\.experts(?:\.(?:\d+\.)?(gate_up_proj|gate_proj|up_proj|down_proj)|\.|$)")
+_GATE_UP, _DOWN = {"gate_up_proj", "gate_proj", "up_proj"}, {"down_proj"}
 
 
 def repack_reloaded_experts(model: torch.nn.Module, names: Iterable[str]) -> int:
@@ -103,15 +107,24 @@ def repack_reloaded_experts(model: torch.nn.Module, names: Iterable[str]) -> int
     (vLLM 0.32: ``UnquantizedFusedMoEMethod._setup_kernel`` calls the kernel's
     ``process_weights_after_loading`` only on its first call), so the engine would multiply by
     weights in the wrong layout: seen as a gap between vLLM's and the learner's log-probs that
-    grew with every push. A layer is repacked when the push named its experts (a push carries a
-    layer's experts whole: ``gate_up_proj`` and ``down_proj``), so none is packed twice.
+    grew with every push. A layer is repacked when the push carried its experts, both their
+    gate/up and their down projections (a push with only one of them is refused: the other would
+    be repacked a second time).
     """
-    layers = {int(m.group(1)) for m in map(_EXPERT_LAYER.search, names) if m}
+    kinds: dict[int, set[str]] = {}
+    for name in names:
+        found = _EXPERTS.search(name)
+        if found and found.group(2):
+            kinds.setdefault(int(found.group(1)), set()).add("gate_up" if found.group(2) in _GATE_UP else "down")
+    partial = sorted(layer for layer, got in kinds.items() if got != {"gate_up", "down"})
+    if partial:
+        raise RuntimeError(f"a push carried only part of the experts of language-model layer(s) {partial}: "
+                           "send each layer's gate/up and down projections together")
     repacked = 0
     for name, module in model.named_modules():
         kernel = getattr(getattr(getattr(module, "quant_method", None), "moe_kernel", None), "fused_experts", None)
-        found = _EXPERT_LAYER.search(name)
-        if kernel is not None and found and int(found.group(1)) in layers and hasattr(module, "w13_weight"):
+        found = _EXPERTS.search(name)
+        if kernel is not None and found and int(found.group(1)) in kinds and hasattr(module, "w13_weight"):
             kernel.process_weights_after_loading(module)
             repacked += 1
     return repacked

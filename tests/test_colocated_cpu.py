@@ -70,8 +70,9 @@ QWEN3_LORA = (*LORA, "learner.lora.targets=[q_proj,k_proj,v_proj,o_proj]")
 @pytest.mark.parametrize(("model", "learner"), [("tiny_checkpoint", ()), ("tiny_checkpoint", LORA), ("qwen3_checkpoint", QWEN3_LORA)],
                          ids=["full", "lora", "qwen3-lora"])
 def test_colocated_equals_split_completions_and_weights(ray_local, request, synth_dir, tmp_path, model, learner) -> None:
-    """With LoRA too: both transports carry the merged weights, computed the same way; and with a
-    mixture of experts, whose expert weights the CPU engine keeps in a layout of its own."""
+    """With LoRA too: both transports carry the merged weights, computed the same way; and for
+    Qwen3-Omni's mixture of experts (that the engine matches the learner after a push is
+    tests/test_qwen3_omni_cpu.py's)."""
     tiny_checkpoint = request.getfixturevalue(model)
     common = (*ONE_PAIR, "total_steps=3", "checkpoint.every=0", "sampling.max_new_tokens=12", *learner)
     split, _ = run(tiny_config(tiny_checkpoint, synth_dir, tmp_path / "split", *common, "placement.mode=split"))

@@ -310,3 +310,26 @@ def test_a_step_with_the_balance_loss_reports_it(ray_local, qwen3_checkpoint, tr
         learner.kill()
     top_k = 2  # the tiny layout's experts per token (of 4)
     assert top_k <= metrics["learner/router_balance_loss"] <= 4 and math.isfinite(metrics["loss"])
+
+
+def test_a_dense_thinker_refuses_the_balance_loss_before_any_actor_starts(tiny_checkpoint, qwen3_checkpoint) -> None:
+    from orchestrator.config import load_config
+    from orchestrator.plan import check_family
+
+    with pytest.raises(ValueError, match=r"router_aux_loss_coef is 0.1, but .* is a Qwen2.5-Omni thinker"):
+        check_family(load_config(None, [f"model_path={tiny_checkpoint}", "learner.router_aux_loss_coef=0.1"]))
+    check_family(load_config(None, [f"model_path={qwen3_checkpoint}", "learner.router_aux_loss_coef=0.1"]))
+    check_family(load_config(None, [f"model_path={tiny_checkpoint}"]))  # off: nothing to refuse
+
+
+def test_the_receiver_repacks_whole_expert_layers_only() -> None:
+    """Which layers a CPU reload rewrote, from the pushed names (rollout/receive.py): fused or per
+    expert; a push with half of a layer's experts is refused rather than repacked twice later."""
+    from rollout.receive import repack_reloaded_experts
+
+    nothing = torch.nn.Module()  # no experts kernel to call: what counts is the names' reading
+    fused = [f"thinker.model.layers.{i}.mlp.experts.{p}" for i in (0, 1) for p in ("gate_up_proj", "down_proj")]
+    per_expert = [f"thinker.model.layers.2.mlp.experts.{e}.{p}_proj.weight" for e in range(4) for p in ("gate", "up", "down")]
+    assert repack_reloaded_experts(nothing, [*fused, *per_expert, "thinker.audio_tower.layers.0.fc1.weight"]) == 0
+    with pytest.raises(RuntimeError, match=r"only part of the experts of language-model layer\(s\) \[1\]"):
+        repack_reloaded_experts(nothing, [*fused[:2], fused[2]])
