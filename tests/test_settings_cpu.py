@@ -103,6 +103,9 @@ COMPANIONS: dict[str, dict[str, Any]] = {
     "learner.lora.rank": {"learner.zero_stage": 2},  # LoRA runs under ZeRO-2
     "learner.optimizer_dtype": {"learner.dtype": "bfloat16"},  # bf16 master weights need bf16 weights
     "learner.reference_device": {"learner.zero_stage": 2},  # the whole reference moves under ZeRO-2
+    # the plan refuses the balance loss for a dense checkpoint it can read (the default model
+    # folder may hold one): a folder not there leaves the family to the loaders
+    "learner.router_aux_loss_coef": {"model_path": "/elsewhere/a-mixture-of-experts"},
     "grpo.policy_loss": {"grpo.mini_batches": 2},
     "grpo.clip_eps": {"grpo.policy_loss": "ppo_clip", "grpo.clip_eps": 0.2, "grpo.mini_batches": 2},
     "grpo.clip_eps_high": {"grpo.policy_loss": "ppo_clip", "grpo.clip_eps": 0.2, "grpo.mini_batches": 2},
