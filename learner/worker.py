@@ -53,7 +53,7 @@ from omni.handoff import Channel, Stager, send_over
 from omni.inputs import ModelBatch, PromptFeatures, load_processor
 from omni.names import require_safetensors
 from omni.quiet import quiet_default_talker_warnings
-from omni.router import RouterCapture, routers
+from omni.router import RouterCapture
 from omni.sampling import SamplingDistribution
 from omni.weightsync import (
     BucketSpec,
@@ -139,11 +139,8 @@ class LearnerWorker:
         model = build_model(s, config, rank=self.rank, device=self.device, dtype=self.dtype, trainable=True)
         if s.lora.enabled:  # before the engine: its optimizer gets the adapters only
             add_adapters(model, s.lora, seed=s.seed)
-        if s.router_aux_loss_coef > 0 and not routers(model):
-            raise ValueError(
-                f"learner.router_aux_loss_coef is {s.router_aux_loss_coef:g}, but {s.model_path} has no "
-                "mixture-of-experts routers (a dense thinker such as Qwen2.5-Omni's): set it to 0"
-            )
+        # the routers, found once (a dense thinker is refused here, and by echoink plan before)
+        self.balance = RouterCapture(model) if s.router_aux_loss_coef > 0 else None
         self._progress(f"model built ({time.perf_counter() - started:.0f} s)")
         # the reference for the KL term: a frozen copy of the starting model, or under LoRA the
         # policy itself with its adapters off (learner.lora) — no second model. Built before the
@@ -298,7 +295,7 @@ class LearnerWorker:
                 )
                 if ref_logp is not None:
                     clock.lap("forward and log-probs")
-            balance = RouterCapture(self.engine.module) if s.router_aux_loss_coef > 0 else None
+            balance = self.balance
             with balance or nullcontext():
                 logp = self._logprobs(
                     self.engine,

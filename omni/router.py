@@ -30,6 +30,7 @@ def routers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 class RouterCapture:
     """Within this context every router call's logits are kept; :meth:`balance_loss` reads them.
+    Made once for a model (it finds the routers) and entered for each forward.
 
     Leave the context before the backward: a checkpointed layer recomputes its forward there, and
     those calls are not part of the step's routing.
@@ -38,7 +39,8 @@ class RouterCapture:
     def __init__(self, model: torch.nn.Module) -> None:
         self.routers = routers(model)
         if not self.routers:
-            raise ValueError("the model has no mixture-of-experts routers to balance")
+            raise ValueError("learner.router_aux_loss_coef: the model has no mixture-of-experts routers to balance "
+                             "(a dense thinker such as Qwen2.5-Omni's): set it to 0")
         self.logits: list[torch.Tensor] = []
         self._handles: list[Any] = []
 

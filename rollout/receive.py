@@ -95,7 +95,7 @@ def load_named_weights(worker: Any, weights: Iterable[tuple[str, torch.Tensor]])
 # ``….experts.7.down_proj.weight`` (per expert), ``language_model.model.layers.3.mlp.experts.routed_experts``
 # (vLLM's module)
 _EXPERTS = re.compile(r"(?:^|\.)model\.layers\.(\d+)\.mlp\.experts(?:\.(?:\d+\.)?(gate_up_proj|gate_proj|up_proj|down_proj)|\.|$)")
-_GATE_UP, _DOWN = {"gate_up_proj", "gate_proj", "up_proj"}, {"down_proj"}
+_GATE_UP = {"gate_up_proj", "gate_proj", "up_proj"}
 
 
 def repack_reloaded_experts(model: torch.nn.Module, names: Iterable[str]) -> int:

@@ -46,6 +46,28 @@ def qwen3_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_qwen3_checkpoint(tmp_path_factory.mktemp("tiny-qwen3-omni"), seed=0)
 
 
+@pytest.fixture(scope="session")
+def mixed_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small set of every data type (video with its sound, video, audio, image, text, image + audio)."""
+    from avqa.synth import DEMO_SPEC, synth_dataset
+
+    out = tmp_path_factory.mktemp("mixed")
+    synth_dataset(out, train=12, val=12, seed=0, spec=DEMO_SPEC, kind="mixed")
+    return out
+
+
+@pytest.fixture(scope="session")
+def mixed(mixed_dir: Path) -> list:
+    """The mixed set's first record of each data type, in `avqa.DATA_TYPES` order."""
+    from avqa import DATA_TYPES, load_records
+
+    first: dict = {}
+    for record in load_records(mixed_dir / "train" / "omni_rl_format_train.json"):
+        first.setdefault(record.data_type, record)
+    assert sorted(first) == sorted(DATA_TYPES), "the mixed set holds every type"
+    return [first[t] for t in DATA_TYPES]
+
+
 SESSION_CPUS = 8  # logical CPUs of the session's Ray (ray_local)
 
 

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from avqa import DATA_TYPES, load_records
-from avqa.synth import DEMO_SPEC, synth_dataset
 from omni.forward import completion_logprobs
 from omni.inputs import (
     add_positions,
@@ -40,23 +39,6 @@ SAMPLING = SamplingSettings(temperature=1.0, top_p=1.0, max_new_tokens=10, seed=
 # which the run reports as mismatch/* and rollout correction weighs. The other types: rounding.
 ROUNDING = 1e-4
 VIDEO_AUDIO_GAP = 2e-2
-
-
-@pytest.fixture(scope="module")
-def mixed_dir(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("mixed")
-    synth_dataset(out, train=12, val=12, seed=0, spec=DEMO_SPEC, kind="mixed")
-    return out
-
-
-@pytest.fixture(scope="module")
-def mixed(mixed_dir: Path) -> list:
-    records = load_records(mixed_dir / "train" / "omni_rl_format_train.json")
-    first = {}
-    for record in records:
-        first.setdefault(record.data_type, record)
-    assert sorted(first) == sorted(DATA_TYPES), "the mixed set holds every type"
-    return [first[t] for t in DATA_TYPES]
 
 
 @pytest.fixture(scope="module")

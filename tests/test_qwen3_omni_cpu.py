@@ -19,7 +19,6 @@ import torch
 from test_learner_group_cpu import settings
 
 from avqa import DATA_TYPES, load_records
-from avqa.synth import DEMO_SPEC, synth_dataset
 from learner.group import LearnerGroup
 from learner.types import Experience
 from omni.family import QWEN2_5_OMNI, QWEN3_OMNI, family_of
@@ -47,17 +46,6 @@ PLACEHOLDERS = {"image": "<|image_pad|>", "audio": "<|audio_pad|>", "video": "<|
 def start_engine(ray, model: Path, index: int):
     settings = EngineSettings(model_path=model, max_model_len=1024, enforce_eager=True)
     return ray.remote(RolloutEngine).options(num_cpus=1).remote(settings, index)
-
-
-@pytest.fixture(scope="module")
-def mixed(tmp_path_factory) -> list:
-    out = tmp_path_factory.mktemp("mixed-q3")
-    synth_dataset(out, train=12, val=12, seed=0, spec=DEMO_SPEC, kind="mixed")
-    records = load_records(out / "train" / "omni_rl_format_train.json")
-    first = {}
-    for record in records:
-        first.setdefault(record.data_type, record)
-    return [first[t] for t in DATA_TYPES]
 
 
 @pytest.fixture(scope="module")
@@ -236,14 +224,17 @@ def test_the_released_per_expert_tensors_load_as_transformers_fuses_them(qwen3_c
 
 
 def test_pushed_weights_experts_included_equal_the_saved_checkpoint(ray_local, engine, qwen3_checkpoint, train_json, tmp_path) -> None:
-    """Two ZeRO-3 ranks (the checkpoint read name for name into partitions) train, push over gloo in
+    """Two ZeRO-3 ranks (the checkpoint read name for name into partitions; the routers' balance loss
+    on) train, push over gloo in
     small buckets (a layer's fused expert tensors in different ones: the engine loads them all in one
     reload), save; a fresh engine on the saved folder samples what the pushed engine samples."""
     records = load_records(train_json)[:3]
     tokenizer = load_processor(qwen3_checkpoint).tokenizer
     good = tokenizer.encode("<think>x</think><answer>A</answer><|im_end|>", add_special_tokens=False)
     bad = tokenizer.encode("<answer>B</answer><|im_end|>", add_special_tokens=False)
-    learner = LearnerGroup(settings(qwen3_checkpoint, num_ranks=2, zero_stage=3, lr=0.05), [{"num_cpus": 1}] * 2)
+    # with the experts' balance loss on (learner.router_aux_loss_coef): it rides on the same step
+    learner = LearnerGroup(settings(qwen3_checkpoint, num_ranks=2, zero_stage=3, lr=0.05, router_aux_loss_coef=0.5),
+                           [{"num_cpus": 1}] * 2)
     fresh = None
     try:
         pool = EnginePool([engine])
@@ -253,7 +244,8 @@ def test_pushed_weights_experts_included_equal_the_saved_checkpoint(ray_local, e
         batch = [Experience(r, ids, advantage=a) for r in records for ids, a in ((good, 1.0), (bad, -1.0))]
         for _ in range(3):
             metrics = learner.train_step(batch)
-        assert metrics["grad_norm"] > 0
+        assert metrics["grad_norm"] > 0 and math.isfinite(metrics["loss"])
+        assert 2 <= metrics["learner/router_balance_loss"] <= 4  # the tiny layout: 2 of 4 experts a token
         report = sync.push()
         assert report.tensors == sum(len(s.tensors) for s in sync.specs) and len(sync.specs) > 1
         after = pool.generate(records, 1, GREEDY)
@@ -296,20 +288,6 @@ def test_the_balance_loss_is_transformers_own_and_reaches_the_routers(qwen3_chec
     assert routers(dense) == []
     with pytest.raises(ValueError, match="no mixture-of-experts routers"):
         RouterCapture(dense)
-
-
-def test_a_step_with_the_balance_loss_reports_it(ray_local, qwen3_checkpoint, train_json) -> None:
-    records = load_records(train_json)[:2]
-    tokenizer = load_processor(qwen3_checkpoint).tokenizer
-    ids = tokenizer.encode("<think>x</think><answer>A</answer><|im_end|>", add_special_tokens=False)
-    batch = [Experience(r, ids, advantage=a) for r in records for a in (1.0, -1.0)]
-    learner = LearnerGroup(settings(qwen3_checkpoint, router_aux_loss_coef=0.5), [{"num_cpus": 1}])
-    try:
-        metrics = learner.train_step(batch)
-    finally:
-        learner.kill()
-    top_k = 2  # the tiny layout's experts per token (of 4)
-    assert top_k <= metrics["learner/router_balance_loss"] <= 4 and math.isfinite(metrics["loss"])
 
 
 def test_a_dense_thinker_refuses_the_balance_loss_before_any_actor_starts(tiny_checkpoint, qwen3_checkpoint) -> None:
